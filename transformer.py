@@ -1,0 +1,311 @@
+"""The transformer parts shared by the VideoFlexTok encoder, decoder and REPA head.
+
+Paper: §3.1-§3.2 and Appendix F.1 (time-causal masks over interleaved frames), following FlexTok
+(Bachmann et al., 2025) for the block design. References: DiT (adaLN-zero), FlexTok / VideoFlexTok
+official inference code (non-affine fp32 LayerNorm, QK-norm, SwiGLU, separate modulation for patch
+and register tokens, `time_block_causal_last` mask), the PyTorch FlexAttention API.
+
+Sequence layout. Every sequence in this project is a stack of T frame blocks, each block holding
+the frame's P patch tokens followed by its R register tokens:
+
+    [ patches_1 | registers_1 | patches_2 | registers_2 | ... | patches_T | registers_T ]
+
+(The paper writes the decoder sequence as [r_1, x_1, ...]; the order *inside* a frame block only
+matters for the encoder's mask, and we keep the official release's patches-first order everywhere.)
+
+Masks are written once as FlexAttention `mask_mod` functions of (q_idx, kv_idx) over this layout.
+The same function gives two attention backends:
+- "flex": a FlexAttention BlockMask, built once per shape and cached (fast on CUDA, compiled);
+- "sdpa": a dense boolean (S, S) mask for `scaled_dot_product_attention` (CPU, debugging, and
+  training on CPU where FlexAttention has no backward).
+"""
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+HEAD_DIM = 64
+
+
+def layer_norm(x, eps=1e-5):
+    """Non-affine LayerNorm computed in fp32 (bf16-safe), as every norm in the tokenizer."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).type_as(x)
+
+
+################################################################################
+# Layout and masks
+################################################################################
+
+@dataclass(frozen=True)
+class Layout:
+    """T frame blocks of P patch tokens followed by R register tokens."""
+    frames: int
+    patches: int
+    registers: int
+
+    @property
+    def block(self):
+        return self.patches + self.registers
+
+    @property
+    def length(self):
+        return self.frames * self.block
+
+    def interleave(self, patches, registers):
+        """(B, T, P, D), (B, T, R, D) -> (B, S, D)."""
+        return torch.cat([patches, registers], dim=2).flatten(1, 2)
+
+    def split(self, x):
+        """(B, S, D) -> (B, T, P, D), (B, T, R, D)."""
+        x = x.unflatten(1, (self.frames, self.block))
+        return x[:, :, :self.patches], x[:, :, self.patches:]
+
+
+def mask_mod_for(kind, layout):
+    """The attention rule `mask_mod(b, h, q_idx, kv_idx) -> bool` of a mask kind over a layout.
+
+    - "causal_registers" (encoder, §3.1): frame t sees every token of frames < t. Inside frame t,
+      patches see the frame's patches only, and register i sees the patches and registers <= i.
+      Register causality is what makes every prefix of a frame's tokens a valid encoding.
+    - "time_causal" (decoder, §3.2): frame t sees frames <= t, fully inside its own frame.
+    - "full": everything sees everything (decoder fine-tuning stage, Appendix F.1).
+
+    Written with tensor ops only so it works element-wise under FlexAttention's vmap and on
+    broadcast index grids alike.
+    """
+    L, P = layout.block, layout.patches
+    if kind == "full":
+        return lambda b, h, q, kv: (q >= 0) & (kv >= 0)
+    if kind == "time_causal":
+        return lambda b, h, q, kv: kv // L <= q // L
+    if kind == "causal_registers":
+        def mask_mod(b, h, q, kv):
+            q_frame, kv_frame = q // L, kv // L
+            q_pos, kv_pos = q % L, kv % L
+            inside = (kv_pos < P) | ((q_pos >= P) & (kv_pos <= q_pos))
+            return (kv_frame < q_frame) | ((kv_frame == q_frame) & inside)
+        return mask_mod
+    raise ValueError(f"mask kind must be one of 'causal_registers', 'time_causal', 'full'; got {kind!r}")
+
+
+def dense_mask(kind, layout, device="cpu"):
+    """(S, S) boolean mask, True where attention is allowed."""
+    idx = torch.arange(layout.length, device=device)
+    return mask_mod_for(kind, layout)(None, None, idx[:, None], idx[None, :])
+
+
+@functools.lru_cache(maxsize=64)
+def attention_mask(kind, layout, device, backend):
+    """The mask for one shape, built once and cached: BlockMask (flex), bool tensor or None (sdpa).
+
+    A full mask is None on the SDPA path: unmasked SDPA dispatches to the fastest kernel.
+    """
+    device = torch.device(device)
+    if backend == "sdpa":
+        return None if kind == "full" else dense_mask(kind, layout, device)
+    if backend == "flex":
+        S = layout.length
+        build = torch.compile(create_block_mask) if device.type == "cuda" else create_block_mask
+        return build(mask_mod_for(kind, layout), None, None, S, S, device=device)
+    raise ValueError(f"attention backend must be 'flex' or 'sdpa'; got {backend!r}")
+
+
+def default_backend(device):
+    """FlexAttention on CUDA; SDPA with a dense mask elsewhere (no FlexAttention backward on CPU)."""
+    return "flex" if torch.device(device).type == "cuda" else "sdpa"
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+################################################################################
+# Layers
+################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention without biases, with per-head non-affine QK LayerNorm."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.heads = dim // HEAD_DIM
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, mask):
+        B, S, D = x.shape
+        q, k, v = (w(x).view(B, S, self.heads, HEAD_DIM).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        # QK-norm keeps attention logits bounded, which is what makes large-lr training stable.
+        q, k = layer_norm(q), layer_norm(k)
+        if isinstance(mask, BlockMask):
+            # Compiled on CUDA; eager (forward only) elsewhere, used by the CPU parity tests.
+            attend = _compiled_flex() if x.is_cuda else flex_attention
+            out = attend(q, k, v, block_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: w2(silu(w1 x) * w3 x), hidden width int(2/3 * 4 * dim), no biases."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 * 4 * dim / 3)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, optionally with adaLN-zero modulation.
+
+    With `groups=2` the conditioning produces separate (gate, shift, scale) vectors for the patch
+    tokens and for the register tokens of every frame block, as in the official decoder. The
+    modulation is broadcast over a (B, T, L, D) frame-block view of the sequence, so it costs
+    B*L*D memory rather than B*S*D (the official code copies it over the whole sequence).
+    """
+
+    def __init__(self, dim, cond_dim=None, groups=1):
+        super().__init__()
+        self.attn = Attention(dim)
+        self.mlp = SwiGLU(dim)
+        self.groups = groups
+        # Zero init: every block starts as the identity, the "zero" of adaLN-zero (DiT).
+        self.adaLN = zero_linear(cond_dim, groups * 6 * dim) if cond_dim is not None else None
+
+    def forward(self, x, mask, layout, cond=None):
+        if self.adaLN is None:
+            x = x + self.attn(layer_norm(x), mask)
+            return x + self.mlp(layer_norm(x))
+        B, S, D = x.shape
+        frames = lambda y: y.view(B, layout.frames, layout.block, D)  # noqa: E731
+        mod = group_modulation(self.adaLN(F.silu(cond)), layout, self.groups)
+        gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_mlp = mod.chunk(6, dim=-1)
+        h = modulate(frames(layer_norm(x)), shift_msa, scale_msa).view(B, S, D)
+        x = x + (gate_msa * frames(self.attn(h, mask))).view(B, S, D)
+        h = modulate(frames(layer_norm(x)), shift_mlp, scale_mlp).view(B, S, D)
+        return x + (gate_mlp * frames(self.mlp(h))).view(B, S, D)
+
+
+def group_modulation(mod, layout, groups):
+    """(B, groups*n) conditioning output -> (B, 1, L, n): the vector each position of a frame block uses.
+
+    Group 0 serves the patch tokens, group 1 (if any) the register tokens, matching the
+    official group-major split of the adaLN output.
+    """
+    mod = mod.unflatten(-1, (groups, -1))  # (B, groups, n)
+    which = torch.tensor([0] * layout.patches + [min(1, groups - 1)] * layout.registers, device=mod.device)
+    return mod[:, which][:, None]
+
+
+class Transformer(nn.Module):
+    """A stack of blocks that share one mask kind; optionally returns one block's output."""
+
+    def __init__(self, dim, depth, mask, cond_dim=None, groups=1):
+        super().__init__()
+        self.mask_kind = mask
+        self.blocks = nn.ModuleList(Block(dim, cond_dim, groups) for _ in range(depth))
+        self.backend = None  # None: pick by device (see default_backend); or "flex" / "sdpa"
+
+    def forward(self, x, layout, cond=None, capture=None):
+        """x: (B, S, D). Returns the output, and also the output of block `capture` if given."""
+        backend = self.backend or default_backend(x.device)
+        mask = attention_mask(self.mask_kind, layout, str(x.device), backend)
+        captured = None
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, layout, cond)
+            if i == capture:
+                captured = x
+        return (x, captured) if capture is not None else x
+
+
+class TimestepEmbedder(nn.Module):
+    """Flow time t in [0, 1] -> vector: sinusoid of 1000*t (max period 256, cos then sin), then MLP.
+
+    The ×1000 scale and the max period of 256 follow the official release (DiT uses t in
+    [0, 1000] and a period of 10000).
+    """
+
+    def __init__(self, dim, freq_dim=256, max_period=256):
+        super().__init__()
+        half = freq_dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        args = 1000 * t.float()[:, None] * self.freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+################################################################################
+# Patches and positions
+################################################################################
+
+def patchify(latents, p):
+    """(B, C, T, H, W) -> (B, T, (H/p)*(W/p), p*p*C), patches in raster order."""
+    B, C, T, H, W = latents.shape
+    x = latents.reshape(B, C, T, H // p, p, W // p, p)
+    return x.permute(0, 2, 3, 5, 4, 6, 1).reshape(B, T, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(patches, p, C, grid):
+    """Inverse of `patchify`: (B, T, h*w, p*p*C) -> (B, C, T, h*p, w*p)."""
+    B, T = patches.shape[:2]
+    h, w = grid
+    x = patches.reshape(B, T, h, w, p, p, C)
+    return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, C, T, h * p, w * p)
+
+
+class AxialPositionEmbedding(nn.Module):
+    """Learned position embedding as a sum of one learned vector per axis (the official
+    `learnable_sum` mode): over (t, y, x) for patches, over (t, k) for decoder registers. It costs
+    sum(sizes) vectors of width D instead of their product."""
+
+    def __init__(self, dim, sizes):
+        super().__init__()
+        self.axes = nn.ParameterList(nn.Parameter(torch.randn(n, dim) * 0.02) for n in sizes)
+
+    def forward(self, *lengths):
+        """-> (lengths[0], prod(lengths[1:]), D): one vector per position, the first axis kept apart."""
+        pos = 0
+        for i, (axis, n) in enumerate(zip(self.axes, lengths)):
+            shape = [1] * len(lengths) + [-1]
+            shape[i] = n
+            pos = pos + axis[:n].view(shape)
+        return pos.flatten(1, -2)
+
+
+def zero_linear(d_in, d_out, bias=True):
+    """A Linear layer that starts at zero (adaLN modulations, output heads) and that
+    `init_linear` leaves at zero."""
+    layer = nn.Linear(d_in, d_out, bias=bias)
+    nn.init.zeros_(layer.weight)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    layer.zero_init = True
+    return layer
+
+
+def init_linear(module):
+    """Xavier-uniform weights and zero biases for every Linear (the official init), except the
+    zero-initialised ones."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and not getattr(m, "zero_init", False):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
