@@ -1,0 +1,238 @@
+"""The VideoFlexTok decoder: a rectified-flow DiT that turns any number of tokens into VAE latents.
+
+Paper: §3.1 (nested dropout), §3.2 (flow decoder, REPA), §3.4 (decoding conditioned on clean
+frames) and Appendix F.1 (time-causal decoder, full-attention fine-tuning, frame conditioning).
+References: DiT (adaLN-zero), cloneofsimo/minRF (rectified-flow convention), REPA (Yu et al., 2025),
+APG (Sadat et al., 2024, "Eliminating Oversaturation and Artifacts of High Guidance Scales"), the
+official VideoFlexTok release (register path, mask/null/prefix tokens, APG settings).
+
+Flow convention: x_t = t * eps + (1 - t) * x, so t = 1 is noise and t = 0 is data; the network
+predicts the velocity v = eps - x, and sampling integrates x <- x - dt * v from t = 1 to t = 0.
+
+The register path, in order: FSQ codes (B, T, K, 6) -> Linear to the width -> + a learned (t, k)
+position embedding -> nested dropout (positions >= k replaced by one learned mask token, so a
+dropped slot carries no position and "k tokens" looks the same in training and at inference) ->
+registers of clean prefix frames replaced by a learned prefix token -> null-condition dropout
+(the whole set replaced by a learned null token, for classifier-free guidance). The registers are
+then interleaved frame by frame with the patchified noised latents and run through a transformer
+with timestep adaLN-zero, separate for patches and registers, under a time-causal mask (or a full
+one in the fine-tuning stage). The time-causal decoder turns reconstruction into prediction of
+future frames from the tokens of past frames, which the paper finds makes early tokens more
+semantic.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from transformer import (AxialPositionEmbedding, Layout, TimestepEmbedder, Transformer, init_linear, layer_norm,
+                         modulate, patchify, unpatchify, zero_linear)
+
+
+def sample_keep_k(batch, K, mode, device="cpu"):
+    """Nested dropout: how many registers per frame each clip keeps, k in [1, K], one k per clip.
+
+    "pow2" draws uniformly from {1, 2, 4, ..., K} (the paper's exponentially spaced set; K itself
+    is always included), "uniform" from {1, ..., K}.
+    """
+    if mode == "uniform":
+        return torch.randint(1, K + 1, (batch,), device=device)
+    if mode == "pow2":
+        choices = sorted({2 ** i for i in range(K.bit_length()) if 2 ** i <= K} | {K})
+        choices = torch.tensor(choices, device=device)
+        return choices[torch.randint(len(choices), (batch,), device=device)]
+    raise ValueError(f"nested dropout mode must be 'pow2' or 'uniform'; got {mode!r}")
+
+
+def repa_loss(pred, target):
+    """REPA: negative cosine similarity between predicted and target features, averaged over tokens."""
+    return -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+
+
+class RepaHead(nn.Module):
+    """Small transformer over an early decoder layer's patch features -> DINOv2 width (App. F.1:
+    "a Transformer with time-causal attention mimicking the decoder design"). It reads features
+    of the decoder's width; its output layer starts at zero."""
+
+    def __init__(self, dim, depth, out_dim, mask):
+        super().__init__()
+        self.transformer = Transformer(dim, depth, mask)
+        self.out = zero_linear(dim, out_dim, bias=False)
+
+    def forward(self, patches):
+        """(B, T, P, D) -> (B, T, P, out_dim)."""
+        B, T, P, D = patches.shape
+        x = self.transformer(patches.reshape(B, T * P, D), Layout(T, P, 0))
+        return self.out(x).view(B, T, P, -1)
+
+
+@dataclass
+class APG:
+    """Adaptive projected guidance settings. The official video defaults: no momentum, the
+    difference clipped to norm 0.6 (per sample and channel, over T, H, W), no parallel part."""
+    momentum: float = 0.0
+    norm_threshold: float = 0.6
+    eta: float = 0.0
+
+
+def guide(v_cond, v_uncond, scale, apg=None, running=None):
+    """Guided velocity and the updated APG momentum state (one per sample).
+
+    CFG: v_u + w (v_c - v_u) = v_c + (w - 1)(v_c - v_u). APG takes the same difference, adds
+    momentum, clips its norm and keeps only the part orthogonal to v_c (plus eta times the
+    parallel part): the parallel part is what oversaturates at high guidance.
+    """
+    diff = v_cond - v_uncond
+    if apg is None:
+        return v_cond + (scale - 1) * diff, running
+    dims = (-3, -2, -1)
+    running = diff if running is None else diff + apg.momentum * running
+    diff = running
+    if apg.norm_threshold > 0:
+        norm = torch.linalg.vector_norm(diff, dim=dims, keepdim=True)
+        diff = diff * torch.clamp(apg.norm_threshold / norm, max=1.0)
+    v64, d64 = v_cond.double(), diff.double()
+    unit = v64 / torch.linalg.vector_norm(v64, dim=dims, keepdim=True).clamp_min(1e-12)
+    parallel = (d64 * unit).sum(dims, keepdim=True) * unit
+    update = (d64 - parallel + apg.eta * parallel).to(v_cond.dtype)
+    return v_cond + (scale - 1) * update, running
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        dim, p, C, K = cfg.dec_width, cfg.patch_size, cfg.latent_channels, cfg.registers
+        self.from_codes = nn.Linear(len(cfg.fsq_levels), dim)
+        self.register_pos = AxialPositionEmbedding(dim, (cfg.max_frames, K))
+        self.mask_token = nn.Parameter(torch.randn(dim) * 0.02)    # nested dropout
+        self.prefix_token = nn.Parameter(torch.randn(dim) * 0.02)  # registers of clean prefix frames
+        self.null_token = nn.Parameter(torch.randn(dim) * 0.02)    # "no tokens", for CFG
+        self.patch_embed = nn.Linear(p * p * C, dim)
+        self.pos = AxialPositionEmbedding(dim, (cfg.max_frames, cfg.max_grid, cfg.max_grid))
+        self.time = TimestepEmbedder(dim)
+        self.transformer = Transformer(dim, cfg.dec_depth, cfg.dec_mask, cond_dim=dim, groups=2)
+        self.head_adaLN = zero_linear(dim, 2 * dim)
+        self.head = zero_linear(dim, p * p * C)
+        self.repa_head = RepaHead(dim, cfg.repa_depth, cfg.repa_dim, cfg.dec_mask) if cfg.repa_dim else None
+        init_linear(self)
+
+    def embed_registers(self, codes, keep_k=None, prefix=None, null=None):
+        """codes (B, T, K, 6) -> register tokens (B, T, K, D).
+
+        keep_k (B,): registers kept per frame; prefix (B,): number of clean leading frames whose
+        registers are masked; null (B,) bool: clips decoded with no tokens at all.
+        """
+        B, T, K, _ = codes.shape
+        r = self.from_codes(codes) + self.register_pos(T, K)  # (B, T, K, D)
+        if keep_k is not None:
+            dropped = torch.arange(K, device=codes.device) >= keep_k[:, None]  # (B, K)
+            r = torch.where(dropped.view(B, 1, K, 1), self.mask_token.to(r.dtype), r)
+        if prefix is not None:
+            clean = torch.arange(T, device=codes.device) < prefix[:, None]
+            r = torch.where(clean.view(B, T, 1, 1), self.prefix_token.to(r.dtype), r)
+        if null is not None:
+            r = torch.where(null.view(B, 1, 1, 1), self.null_token.to(r.dtype), r)
+        return r
+
+    def forward(self, x_t, t, registers, repa=False):
+        """x_t (B, C, T, H, W), t (B,), registers (B, T, K, D) -> velocity (B, C, T, H, W).
+
+        With repa=True also returns the REPA head's prediction (B, T, h*w, repa_dim).
+        """
+        B, C, T, H, W = x_t.shape
+        p = self.cfg.patch_size
+        h, w = H // p, W // p
+        layout = Layout(T, h * w, registers.shape[2])
+        patches = self.patch_embed(patchify(x_t, p)) + self.pos(T, h, w)
+        cond = self.time(t)
+        capture = self.cfg.repa_layer if repa else None
+        out = self.transformer(layout.interleave(patches, registers), layout, cond, capture=capture)
+        x, features = out if repa else (out, None)
+        patches, _ = layout.split(x)
+        shift, scale = self.head_adaLN(F.silu(cond))[:, None, None].chunk(2, dim=-1)
+        v = unpatchify(self.head(modulate(layer_norm(patches), shift, scale)), p, C, (h, w))
+        if not repa:
+            return v
+        return v, self.repa_head(layout.split(features)[0])
+
+    def loss(self, latents, codes, repa_target=None, prefix=None):
+        """Training losses for one batch: {"flow", "repa" (if a target is given), "loss"}.
+
+        latents (B, C, T, H, W) are the clean x; codes (B, T, K, 6) the encoder output; repa_target
+        (B, T, h*w, repa_dim) DINOv2 features; prefix (B,) the number of leading latent frames
+        given clean (frame conditioning, App. F.1): their registers are masked, they are lightly
+        noised for half the clips, and they are left out of the flow loss.
+        """
+        cfg = self.cfg
+        B, T = latents.shape[0], latents.shape[2]
+        device = latents.device
+        keep_k = sample_keep_k(B, cfg.registers, cfg.nested_dropout, device)
+        null = torch.rand(B, device=device) < cfg.null_cond_prob
+        registers = self.embed_registers(codes, keep_k, prefix, null)
+
+        t = torch.sigmoid(torch.randn(B, device=device))  # logit-normal, one t per clip
+        eps = torch.randn_like(latents)
+        x_t = t.view(B, 1, 1, 1, 1) * eps + (1 - t.view(B, 1, 1, 1, 1)) * latents
+        frame_weight = torch.ones(B, T, device=device)
+        if prefix is not None:
+            is_prefix = (torch.arange(T, device=device) < prefix[:, None]).view(B, 1, T, 1, 1)
+            # Half the clips see a slightly noisy condition, so that a re-encoded decoded frame
+            # (long videos) is not out of distribution.
+            sigma = torch.rand(B, device=device) * cfg.prefix_noise * (torch.rand(B, device=device) < 0.5)
+            sigma = sigma.view(B, 1, 1, 1, 1)
+            x_t = torch.where(is_prefix, sigma * eps + (1 - sigma) * latents, x_t)
+            frame_weight = (~is_prefix).view(B, T).float()
+
+        want_repa = repa_target is not None
+        if want_repa and self.repa_head is None:
+            raise ValueError("repa_target was given but this decoder has no REPA head (repa_dim=0 in its config)")
+        out = self(x_t, t, registers, repa=want_repa)
+        v, repa_pred = out if want_repa else (out, None)
+        per_frame = (v.float() - (eps - latents).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
+        flow = (per_frame * frame_weight).sum() / frame_weight.sum().clamp_min(1)
+        losses = {"flow": flow, "loss": flow}
+        if want_repa:
+            losses["repa"] = repa_loss(repa_pred, repa_target)
+            losses["loss"] = flow + cfg.repa_weight * losses["repa"]
+        return losses
+
+    @torch.no_grad()
+    def sample(self, codes, keep_k, size, steps=25, guidance=1.0, apg=None, prefix_latents=None, generator=None):
+        """Euler sampling from noise at t = 1 to latents at t = 0.
+
+        codes (B, T, K, 6), keep_k (B,), size (H, W) of the latent grid. guidance > 1 applies
+        classifier-free guidance against the null condition (conditional and unconditional passes
+        in one doubled batch), with APG if `apg` is given. prefix_latents (B, C, n, H, W) are clean
+        leading frames held fixed throughout (chunk-by-chunk long-video decoding, frame
+        conditioning). `generator` makes the starting noise reproducible.
+
+        Without APG, decoded frame t depends only on the tokens of frames <= t under the
+        time-causal mask. APG's norms span all frames, so it trades that exactness for quality.
+        """
+        B, T = codes.shape[:2]
+        C = self.cfg.latent_channels
+        device = codes.device
+        x = torch.randn((B, C, T, *size), generator=generator, device=device)
+        n = 0 if prefix_latents is None else prefix_latents.shape[2]
+        prefix = torch.full((B,), n, device=device) if n else None
+        registers = self.embed_registers(codes, keep_k, prefix)
+        guided = guidance != 1.0
+        if guided:
+            null = self.embed_registers(codes, keep_k, prefix, null=torch.ones(B, dtype=torch.bool, device=device))
+            registers = torch.cat([registers, null])
+        running = None
+        for i in range(steps, 0, -1):
+            if n:
+                x[:, :, :n] = prefix_latents
+            t = torch.full((B,), i / steps, device=device)
+            if guided:
+                v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), registers).chunk(2)
+                v, running = guide(v_cond, v_uncond, guidance, apg, running)
+            else:
+                v = self(x, t, registers)
+            x = x - v.to(x.dtype) / steps
+        if n:
+            x[:, :, :n] = prefix_latents
+        return x

@@ -1,0 +1,260 @@
+"""Encoder, decoder and the VideoFlexTok API: causality, nested dropout, guidance, sizes, bad input."""
+import pytest
+import torch
+
+from decoder import APG, guide, repa_loss, sample_keep_k
+from tokenizer import TokenizerConfig, VideoFlexTok
+
+
+def small_config(**overrides):
+    """A tiny tokenizer on 3-channel 16x16 'latents' with 5 latent frames and 8 registers."""
+    base = dict(latent_size=16, max_frames=5, registers=8, repa_dim=32, null_cond_prob=0.0)
+    return TokenizerConfig.preset("tiny", **{**base, **overrides})
+
+
+def random_model(cfg, seed=0):
+    """A model whose every weight is random, zero-initialised layers included: at init the encoder
+    head and decoder output are zero, which would make causality tests pass vacuously."""
+    torch.manual_seed(seed)
+    model = VideoFlexTok(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(small_config())
+
+
+def latents(B=2, T=5, seed=1, size=16):
+    return torch.randn(B, 3, T, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_encode_shapes_and_range(model):
+    ids = model.encode(latents())
+    assert ids.shape == (2, 5, 8) and ids.dtype == torch.long
+    assert 0 <= ids.min() and ids.max() < 64000
+    assert ids.unique().numel() > 10  # random weights spread the tokens over the codebook
+
+
+def test_encoder_is_time_causal(model):
+    x = latents()
+    for t in range(4):
+        y = x.clone()
+        y[:, :, t + 1:] = torch.randn_like(y[:, :, t + 1:])
+        a, b = model.encode(x), model.encode(y)
+        assert torch.equal(a[:, :t + 1], b[:, :t + 1])
+        assert not torch.equal(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_encoder_registers_are_causal(model):
+    """Inside frame t, register i's output (before quantization) does not depend on the frame's
+    registers > i; later frames may depend on all of frame t."""
+    captured = []
+    hook = model.encoder.to_codes.register_forward_hook(lambda m, i, o: captured.append(o))
+    x = latents()
+    saved = model.encoder.registers.data.clone()
+    try:
+        for t, i in [(0, 0), (2, 3), (4, 6)]:
+            model.encoder(x)
+            with torch.no_grad():
+                model.encoder.registers[t, i + 1:] += torch.randn_like(saved[t, i + 1:])
+            model.encoder(x)
+            model.encoder.registers.data.copy_(saved)
+            before, after = captured[-2], captured[-1]  # (B, T, K, 6)
+            # Equal up to float summation order in the masked attention kernel.
+            assert torch.allclose(before[:, :t], after[:, :t], atol=1e-4)
+            assert torch.allclose(before[:, t, :i + 1], after[:, t, :i + 1], atol=1e-4)
+            assert (before[:, t, i + 1:] - after[:, t, i + 1:]).abs().max() > 0.1
+    finally:
+        hook.remove()
+
+
+def decode(model, ids, **kw):
+    return model.decode(ids, steps=4, generator=torch.Generator().manual_seed(0), **kw)
+
+
+def test_decoder_is_time_causal(model):
+    ids = model.encode(latents())
+    for t in range(4):
+        other = ids.clone()
+        other[:, t + 1:] = torch.randint(0, 64000, other[:, t + 1:].shape)
+        a, b = decode(model, ids, guidance=3.0), decode(model, other, guidance=3.0)
+        assert torch.allclose(a[:, :, :t + 1], b[:, :, :t + 1], atol=1e-5)
+        assert not torch.allclose(a[:, :, t + 1:], b[:, :, t + 1:], atol=1e-3)
+
+
+def test_decoding_a_prefix_ignores_the_dropped_tokens(model):
+    ids = model.encode(latents())
+    codes = model.encoder.fsq.ids_to_codes(ids)
+    other = ids.clone()
+    other[..., 3:] = torch.randint(0, 64000, other[..., 3:].shape)
+    keep = torch.full((2,), 3)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = model.decoder.sample(codes, keep, (16, 16), steps=4, generator=gen())
+    b = model.decoder.sample(model.encoder.fsq.ids_to_codes(other), keep, (16, 16), steps=4, generator=gen())
+    assert torch.equal(a, b)
+    # The public API decodes exactly the first k tokens of every frame.
+    assert torch.equal(decode(model, ids[..., :3]), a)
+    # ... and the tokens that are kept do matter.
+    assert not torch.allclose(decode(model, ids[..., :4]), a)
+
+
+def test_same_generator_same_output_and_different_seeds_differ(model):
+    ids = model.encode(latents())
+    assert torch.equal(decode(model, ids), decode(model, ids))
+    other = model.decode(ids, steps=4, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(decode(model, ids), other)
+
+
+def test_guidance_rules():
+    torch.manual_seed(0)
+    v_c, v_u = torch.randn(2, 3, 5, 4, 4), torch.randn(2, 3, 5, 4, 4)
+    cfg, _ = guide(v_c, v_u, 4.0)
+    assert torch.allclose(cfg, v_u + 4.0 * (v_c - v_u), atol=1e-6)
+    # APG without clipping or momentum and with eta = 1 keeps the whole difference: plain CFG.
+    apg, _ = guide(v_c, v_u, 4.0, APG(momentum=0.0, norm_threshold=0.0, eta=1.0))
+    assert torch.allclose(apg, cfg, atol=1e-5)
+    # With eta = 0 the update is orthogonal to v_c, per sample and channel.
+    apg, _ = guide(v_c, v_u, 4.0, APG(momentum=0.0, norm_threshold=0.0, eta=0.0))
+    update = (apg - v_c) / 3.0
+    assert ((update * v_c).sum(dim=(-3, -2, -1)).abs() < 1e-4).all()
+    # Clipping bounds the difference's norm; momentum carries state from step to step.
+    apg, running = guide(v_c, v_u, 2.0, APG(momentum=0.5, norm_threshold=0.6, eta=1.0))
+    assert (torch.linalg.vector_norm(apg - v_c, dim=(-3, -2, -1)) <= 0.6 + 1e-5).all()
+    _, running2 = guide(v_c, v_u, 2.0, APG(momentum=0.5), running)
+    assert torch.allclose(running2, (v_c - v_u) + 0.5 * running)
+
+
+def test_guided_decoding_runs_cfg_and_apg(model):
+    ids = model.encode(latents())
+    plain = decode(model, ids)
+    cfg = decode(model, ids, guidance=5.0)
+    apg = decode(model, ids, guidance=5.0, apg=APG())
+    assert cfg.shape == apg.shape == plain.shape == (2, 3, 5, 16, 16)
+    assert not torch.allclose(cfg, plain) and not torch.allclose(apg, cfg)
+    assert torch.isfinite(apg).all()
+
+
+def test_prefix_frames_are_kept_clean(model):
+    x = latents()
+    ids = model.encode(x)
+    out = decode(model, ids[..., :2], prefix_latents=x[:, :, :1])
+    assert torch.equal(out[:, :, :1], x[:, :, :1])
+    assert not torch.allclose(out[:, :, 1:], decode(model, ids[..., :2])[:, :, 1:])
+
+
+def test_training_losses_and_gradients():
+    model = random_model(small_config()).train()  # zero-init layers would block some gradients at step 0
+    x = latents()
+    target = torch.randn(2, 5, 16, 32)  # REPA target: (B, T', h*w, repa_dim) for a 4x4 patch grid
+    losses = model(x, repa_target=target, prefix=torch.tensor([0, 1]))
+    assert set(losses) == {"loss", "flow", "repa"}
+    assert torch.allclose(losses["loss"], losses["flow"] + 0.5 * losses["repa"])
+    losses["loss"].backward()
+    for name in ["encoder.registers", "encoder.to_codes.weight", "decoder.head.weight",
+                 "decoder.repa_head.out.weight", "decoder.mask_token", "decoder.prefix_token"]:
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_prefix_frames_are_left_out_of_the_flow_loss():
+    """With every frame but the last given clean, changing the clean frames' target-side content
+    changes the loss only through the network's input, never through the loss mask."""
+    torch.manual_seed(0)
+    model = random_model(small_config(registers=4, max_frames=2))
+    x = latents(T=2)
+    codes, _ = model.encoder(x)
+    torch.manual_seed(1)
+    all_frames = model.decoder.loss(x, codes)["flow"]
+    torch.manual_seed(1)
+    with_prefix = model.decoder.loss(x, codes, prefix=torch.tensor([1, 1]))["flow"]
+    # Recompute by hand: the flow loss over frame 1 only.
+    torch.manual_seed(1)
+    B, T = 2, 2
+    keep_k = sample_keep_k(B, 4, "pow2")
+    torch.rand(B)  # null-condition draw (probability 0)
+    regs = model.decoder.embed_registers(codes, keep_k, torch.tensor([1, 1]), torch.zeros(B, dtype=torch.bool))
+    t = torch.sigmoid(torch.randn(B))
+    eps = torch.randn_like(x)
+    x_t = t.view(B, 1, 1, 1, 1) * eps + (1 - t.view(B, 1, 1, 1, 1)) * x
+    sigma = (torch.rand(B) * 0.02 * (torch.rand(B) < 0.5)).view(B, 1, 1, 1, 1)
+    x_t[:, :, :1] = (sigma * eps + (1 - sigma) * x)[:, :, :1]
+    v = model.decoder(x_t, t, regs)
+    expected = (v - (eps - x))[:, :, 1:].pow(2).mean()
+    assert torch.allclose(with_prefix, expected, atol=1e-6)
+    assert not torch.allclose(with_prefix, all_frames)
+
+
+def test_nested_dropout_distributions():
+    torch.manual_seed(0)
+    assert set(sample_keep_k(2000, 256, "pow2").tolist()) == {1, 2, 4, 8, 16, 32, 64, 128, 256}
+    assert set(sample_keep_k(4000, 12, "uniform").tolist()) == set(range(1, 13))
+    assert set(sample_keep_k(1000, 12, "pow2").tolist()) == {1, 2, 4, 8, 12}
+    with pytest.raises(ValueError, match="nested dropout mode"):
+        sample_keep_k(1, 8, "zipf")
+
+
+def test_repa_loss_is_negative_cosine():
+    a = torch.randn(2, 5, 16, 32)
+    assert torch.allclose(repa_loss(a, 3 * a), torch.tensor(-1.0), atol=1e-6)
+    assert torch.allclose(repa_loss(a, -a), torch.tensor(1.0), atol=1e-6)
+
+
+def test_tokenize_and_detokenize_through_a_vae(model):
+    class Halve:  # a stand-in latent space: 2x spatial downsampling
+        def encode(self, video):
+            return video[..., ::2, ::2]
+
+        def decode(self, z):
+            return z.repeat_interleave(2, -1).repeat_interleave(2, -2)
+
+    video = latents(size=32)
+    ids = model.tokenize(video, Halve())
+    assert torch.equal(ids, model.encode(video[..., ::2, ::2]))
+    out = model.detokenize(ids[..., :2], Halve(), steps=2)
+    assert out.shape == video.shape
+
+
+@pytest.mark.parametrize("preset, trunks", [("d18-d18", [(1152, 18), (1152, 18)]),
+                                            ("d18-d28", [(1152, 18), (1792, 28)])])
+def test_parameter_counts_match_the_paper(preset, trunks):
+    with torch.device("meta"):
+        model = VideoFlexTok(TokenizerConfig.preset(preset))
+    # The paper counts without adaLN; the REPA head is training-only and not part of the release.
+    n = sum(p.numel() for name, p in model.named_parameters() if "adaLN" not in name and "repa_head" not in name)
+    expected = sum(12 * w * w * d for w, d in trunks)
+    assert abs(n - expected) / expected < 0.05
+    published = {"d18-d18": 570e6, "d18-d28": 1.3e9}[preset]
+    assert abs(n - published) / published < 0.06
+
+
+def test_bad_input_names_the_problem(model):
+    with pytest.raises(ValueError, match=r"latents must be a float tensor \(B, 3"):
+        model.encode(torch.randn(2, 4, 5, 16, 16))
+    with pytest.raises(ValueError, match="latents must be a float tensor"):
+        model.encode(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="T'=6 latent frames; this tokenizer takes 1 to 5"):
+        model.encode(torch.randn(1, 3, 6, 16, 16))
+    with pytest.raises(ValueError, match="multiples of the patch size 4"):
+        model.encode(torch.randn(1, 3, 5, 18, 16))
+    with pytest.raises(ValueError, match="at most 16"):
+        model.encode(torch.randn(1, 3, 5, 32, 32))
+    ids = torch.zeros(1, 5, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):
+        model.decode(torch.zeros(1, 5, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):
+        model.decode(torch.zeros(1, 5, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 64000\)"):
+        model.decode(ids + 64000)
+    with pytest.raises(ValueError, match="integer tensor"):
+        model.decode(ids.float())
+    with pytest.raises(ValueError, match="decodes 1 to 5"):
+        model.decode(torch.zeros(1, 6, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="prefix_latents must have shape"):
+        model.decode(ids, prefix_latents=torch.randn(1, 3, 5, 16, 16))
+    with pytest.raises(ValueError, match="unknown tokenizer preset"):
+        TokenizerConfig.preset("d99")
+
