@@ -1,0 +1,175 @@
+"""Benchmarks, one subcommand each: `python bench.py NAME [options]` (`python bench.py -h` lists them).
+
+Every benchmark prints Markdown table rows with the same columns: what was measured, its configuration, device,
+dtype, the median wall time of N timed runs after warm-up, and one derived figure. To add a benchmark, write a
+`bench_<name>(args)` function that prints rows with `row()`, and register it with its options in `BENCHMARKS`.
+
+Benchmarks that compare against a reference implementation (diffusers) import it lazily and say how to install it.
+"""
+
+import argparse
+import multiprocessing
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+HEADER = "| what | config | device | dtype | median of N (s) | derived |\n|---|---|---|---|---|---|"
+
+
+def row(what: str, config: str, device: str, dtype: torch.dtype, times: list[float], derived: str) -> None:
+    print(f"| {what} | {config} | {device} | {str(dtype).removeprefix('torch.')} | "
+          f"{statistics.median(times):.3f} (N={len(times)}) | {derived} |", flush=True)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _import_diffusers_vidtok():
+    try:
+        from diffusers import AutoencoderVidTok
+    except ImportError as err:
+        raise SystemExit(
+            "this benchmark compares against diffusers.AutoencoderVidTok: "
+            "pip install -r requirements-test.txt (or pip install diffusers)"
+        ) from err
+    return AutoencoderVidTok
+
+
+def bench_vae(args: argparse.Namespace) -> None:
+    """VidTok encode + decode of one clip: our VidTokVAE (v1.1) vs diffusers' AutoencoderVidTok on the same weights.
+
+    v1.1 because that is the semantics diffusers implements (v1.0 runs the same convolutions). Runs alternate
+    between the two implementations so that load changes on a shared machine hit both alike."""
+    from vae import VidTokVAE
+
+    AutoencoderVidTok = _import_diffusers_vidtok()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    ours = VidTokVAE("v1.1", chunk_latents=args.chunk_latents).to(device, dtype).eval()
+    ref = AutoencoderVidTok(z_channels=16).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ref = ref.to(device) if dtype == torch.float32 else ref.to(device, dtype)  # diffusers warns on any dtype cast
+    video = torch.rand(1, 3, args.frames, args.size, args.size, device=device, dtype=dtype) * 2 - 1
+
+    def run_ours():
+        ours.decode(ours.encode(video))
+
+    def run_ref():
+        with torch.no_grad():
+            # diffusers' encode expects the three front copies of frame 0 that our encode adds itself.
+            padded = torch.cat([video[:, :, :1].expand(-1, -1, 3, -1, -1), video], dim=2)
+            ref.decode(ref.encode(padded).latent_dist.mode())
+
+    times = {"ours": [], "diffusers": []}
+    for i in range(args.warmup + args.runs):
+        for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
+            seconds = timed(fn, device)
+            if i >= args.warmup:
+                times[name].append(seconds)
+    clip = f"{args.frames}x{args.size}x{args.size}, B=1"
+    ratio = statistics.median(times["diffusers"]) / statistics.median(times["ours"])
+    print(HEADER)
+    row("VidTokVAE v1.1 encode+decode (vae.py)", f"{clip}, chunk_latents={args.chunk_latents}", device_name(device),
+        dtype, times["ours"], f"{ratio:.2f}x the speed of diffusers")
+    row("AutoencoderVidTok encode+decode (diffusers)", f"{clip}, no tiling", device_name(device), dtype,
+        times["diffusers"], f"{args.frames / statistics.median(times['diffusers']):.2f} frames/s")
+
+
+def _peak_memory_of_decode(
+    version: str, latent_frames: int, size: int, chunk_latents: int | None
+) -> tuple[float, float]:
+    """Run in a fresh process: (seconds, peak resident-memory growth in bytes) of one decode, Linux only.
+
+    The peak-RSS counter is reset right before decoding, so it covers the decode alone (weights excluded)."""
+    from vae import VidTokVAE
+
+    torch.manual_seed(0)
+    vae = VidTokVAE(version, chunk_latents=chunk_latents).eval()
+    latents = torch.randn(1, 16, latent_frames, size // 8, size // 8)
+
+    def status_kib(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+    before = status_kib("VmRSS")
+    start = time.perf_counter()
+    vae.decode(latents)
+    seconds = time.perf_counter() - start
+    return seconds, (status_kib("VmHWM") - before) * 1024.0
+
+
+def bench_vae_memory(args: argparse.Namespace) -> None:
+    """Peak memory of chunked VidTok decoding: 81 frames vs 17 frames (CPU, each in a fresh process)."""
+    if not Path("/proc/self/clear_refs").exists():
+        raise SystemExit("vae-memory reads peak RSS from /proc: it runs on Linux only")
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    for frames in (17, 81):
+        with context.Pool(1) as pool:
+            results[frames] = pool.apply(
+                _peak_memory_of_decode, (args.version, (frames - 1) // 4 + 1, args.size, args.chunk_latents)
+            )
+    print(HEADER)
+    for frames, (seconds, peak) in results.items():
+        ratio = peak / results[17][1]
+        row(f"VidTokVAE {args.version} decode peak RSS growth", f"{frames}x{args.size}x{args.size}, B=1, "
+            f"chunk_latents={args.chunk_latents}", device_name(torch.device("cpu")), torch.float32, [seconds],
+            f"{peak / 2**20:.0f} MiB ({ratio:.2f}x the 17-frame peak)")
+
+
+def _chunk_latents(text: str) -> int | None:
+    return None if text == "none" else int(text)
+
+
+def _vae_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=17, help="clip length, 4k+1")
+    parser.add_argument("--size", type=int, default=128, help="height = width, a multiple of 8")
+    parser.add_argument("--chunk-latents", type=_chunk_latents, default=4, help="VidTokVAE.chunk_latents, or none")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
+
+
+def _vae_memory_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=128, help="height = width, a multiple of 8")
+    parser.add_argument("--chunk-latents", type=_chunk_latents, default=4, help="VidTokVAE.chunk_latents, or none")
+    parser.add_argument("--version", default="v1.0", choices=["v1.0", "v1.1"])
+
+
+# name -> (function, options, one-line help)
+BENCHMARKS = {
+    "vae": (bench_vae, _vae_options, "VidTok encode+decode speed, vae.py vs diffusers"),
+    "vae-memory": (bench_vae_memory, _vae_memory_options, "VidTok chunked decode peak memory, 81 vs 17 frames"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="benchmark", required=True)
+    for name, (fn, add_options, help_text) in BENCHMARKS.items():
+        add_options(commands.add_parser(name, help=help_text, description=fn.__doc__))
+    args = parser.parse_args()
+    BENCHMARKS[args.benchmark][0](args)
+
+
+if __name__ == "__main__":
+    main()

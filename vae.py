@@ -1,0 +1,575 @@
+"""Frozen video VAEs whose latent space the tokenizer works in (VideoFlexTok paper, §4.1).
+
+`VidTokVAE` is the VidTok causal KL video VAE (4x temporal, 8x8 spatial compression, 16 latent channels), written
+from scratch in plain PyTorch so that the official checkpoints `vidtok_kl_causal_488_16chn.ckpt` (v1.0) and
+`vidtok_kl_causal_488_16chn_v1_1.ckpt` (v1.1) load with `strict=True` and reconstruct as upstream does.
+`PixelVAE` is an identity "latent space" with the same API, for tiny CPU runs and tests without weights.
+
+References (facts only, no code taken): "VidTok: A Versatile and Open-Source Video Tokenizer" (Tang et al.,
+arXiv 2412.13061) and its repository microsoft/VidTok (modules `model_3dcausal` for v1.0, `model_3dcausal_v1_1` for
+v1.1); the diffusers class `AutoencoderVidTok`, which implements the v1.1 semantics.
+
+The network: spatial 2D ResNet blocks alternate with per-pixel causal 1D temporal blocks; the middle holds two causal
+3D ResNet blocks around a per-frame self-attention; norms are channel LayerNorms; temporal down/upsampling mixes a
+pooling/interpolation path with a causal conv by a learned sigmoid weight. The two released weight generations share
+every parameter name and shape but not their forward semantics, so the version is chosen explicitly:
+
+- v1.0: causal convs pad the front of the video with zeros; temporal upsampling repeats each frame.
+- v1.1: causal convs pad with copies of the first frame; temporal upsampling is linear, with latent 0's frames
+  upsampled on their own so that they never blend with latent 1.
+
+Both encode T = 4k+1 frames into k+1 latent frames (frame 0 alone gives latent 0) and decode them back to 4k+1.
+
+Implementation notes. Activations are kept channels-last, (B, T, H, W, C): the LayerNorms act on the last axis and
+the convolutions receive channels-last strided views, the layout oneDNN prefers on CPU, so no permute copies are made.
+Every temporal operator is causal, so a video is pushed through the network in consecutive temporal chunks, each
+operator carrying over from one chunk to the next the few frames it needs (`_Stream`); a single chunk holding the
+whole video is the same code path. This makes chunked results equal to unchunked ones up to float rounding, for both
+versions, encode and decode, while peak memory depends on the chunk length only. v1.1's linear upsampling needs one
+frame of look-ahead, so each of its upsamplers holds back its last output frame until the next chunk (or the end)
+arrives. (Upstream v1.1's own chunked decoder approximates at chunk seams instead; we reproduce its unchunked output.)
+"""
+
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VERSIONS = ("v1.0", "v1.1")
+# How far outside [-1, 1] input values may stray (e.g. resampling overshoot) before we call them a range mistake.
+_RANGE_SLACK = 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building blocks. All take and return channels-last activations: (B, T, H, W, C), or (N, H, W, C) for single frames.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """State of one encode or decode pass that feeds a video through the network in temporal chunks.
+
+    `carry[layer]` holds what a temporal layer needs from the previous chunk; `last` tells the layers that no more
+    frames follow (only v1.1's linear upsampling, which looks one frame ahead, cares)."""
+
+    def __init__(self, version: str):
+        self.version = version
+        self.carry: dict[nn.Module, torch.Tensor] = {}
+        self.last = False
+
+
+class _Norm(nn.Module):
+    """LayerNorm over channels at every position; the wrapper exists for the checkpoint's `….norm.weight` names."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+def _conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D conv to every frame of a channels-last (..., H, W, C) tensor."""
+    y = conv(x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2))
+    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-3], *y.shape[-2:], y.shape[1])
+
+
+def _pointwise(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 (or 1x1x1) conv is a linear map over the channel axis."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+class _CausalConv(nn.Module):
+    """A conv with kernel k along time that only looks back: it sees `k - stride` frames before each chunk.
+
+    Those are carried over from the previous chunk, or, before the first frame, zeros (v1.0) or copies of the first
+    frame (v1.1). The child `conv` is a Conv1d (a per-pixel temporal conv) or a Conv3d (zero-padded "same" in space),
+    named and shaped as in the checkpoint."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, dims: int, stride: int = 1):
+        super().__init__()
+        if dims == 1:
+            self.conv = nn.Conv1d(cin, cout, kernel)
+        else:
+            self.conv = nn.Conv3d(cin, cout, kernel, stride=(stride, 1, 1), padding=(0, kernel // 2, kernel // 2))
+        self.kernel, self.stride = kernel, stride
+
+    def pad(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        """Prepend the frames preceding `x` and keep, for the next chunk, those the conv has not finished with."""
+        before = stream.carry.get(self)
+        if before is None:
+            first = x[:, :1] if stream.version == "v1.1" else torch.zeros_like(x[:, :1])
+            before = first.expand(-1, self.kernel - self.stride, *x.shape[2:])
+        padded = torch.cat([before, x], dim=1)
+        consumed = ((padded.shape[1] - self.kernel) // self.stride + 1) * self.stride
+        # A copy, so the carried frames do not keep the whole chunk alive.
+        stream.carry[self] = padded[:, consumed:].clone()
+        return padded
+
+    def run(self, padded: torch.Tensor) -> torch.Tensor:
+        """The conv itself, on a time-padded (B, T, H, W, C) tensor."""
+        if isinstance(self.conv, nn.Conv1d):
+            b, t, h, w, c = padded.shape
+            # Per-pixel temporal conv as a (k x 1) 2D conv over (time, pixels): the channels-last data is not moved.
+            grid = padded.reshape(b, t, h * w, c).permute(0, 3, 1, 2)
+            y = F.conv2d(grid, self.conv.weight[..., None], self.conv.bias)
+            return y.permute(0, 2, 3, 1).reshape(b, -1, h, w, y.shape[1])
+        return self.conv(padded.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+
+    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        return self.run(self.pad(x, stream))
+
+
+class _ResBlock(nn.Module):
+    """Pre-norm ResNet block: norm, SiLU, conv, norm, SiLU, conv, plus a (1x1 projected) skip.
+
+    kind "2d": per-frame 3x3 convs (plain Conv2d); "1d": causal temporal convs per pixel; "3d": causal 3x3x3 convs."""
+
+    def __init__(self, cin: int, cout: int, kind: str):
+        super().__init__()
+        if kind == "2d":
+            make = lambda i, o: nn.Conv2d(i, o, 3, padding=1)  # noqa: E731
+        else:
+            make = lambda i, o: _CausalConv(i, o, 3, dims=1 if kind == "1d" else 3)  # noqa: E731
+        self.norm1, self.conv1 = _Norm(cin), make(cin, cout)
+        self.norm2, self.conv2 = _Norm(cout), make(cout, cout)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def _conv(self, conv: nn.Module, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        return _conv2d(conv, x) if isinstance(conv, nn.Conv2d) else conv(x, stream)
+
+    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        h = self._conv(self.conv1, F.silu(self.norm1(x), inplace=True), stream)
+        h = self._conv(self.conv2, F.silu(self.norm2(h), inplace=True), stream)
+        return h.add_(_pointwise(self.nin_shortcut, x) if hasattr(self, "nin_shortcut") else x)
+
+
+class _Pointwise(nn.Module):
+    """A 1x1x1 conv (the checkpoint stores q/k/v/proj_out as `….conv.weight` of shape (C, C, 1, 1, 1))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _pointwise(self.conv, x)
+
+
+class _FrameAttention(nn.Module):
+    """Single-head softmax self-attention among the pixels of each frame (no attention across time), residual."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _Norm(channels)
+        self.q, self.k, self.v, self.proj_out = (_Pointwise(channels) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h, w, c = x.shape
+        y = self.norm(x).reshape(b, t, h * w, c)
+        y = F.scaled_dot_product_attention(self.q(y), self.k(y), self.v(y))
+        return self.proj_out(y).reshape(x.shape).add_(x)
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = _ResBlock(channels, channels, "3d")
+        self.attn_1 = _FrameAttention(channels)
+        self.block_2 = _ResBlock(channels, channels, "3d")
+
+    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, stream)), stream)
+
+
+class _Downsample(nn.Module):
+    """Per-frame 2x spatial downsampling: zero pad right and bottom by one pixel, then a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _conv2d(self.conv, F.pad(x, (0, 0, 0, 1, 0, 1)))
+
+
+class _Upsample(nn.Module):
+    """Per-frame 2x nearest spatial upsampling, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, h, w, c = x.shape
+        x = x[..., :, None, :, None, :].expand(*lead, h, 2, w, 2, c).reshape(*lead, 2 * h, 2 * w, c)
+        return _conv2d(self.conv, x)
+
+
+class _TimeDownsample(nn.Module):
+    """2x temporal downsampling: sigmoid(mix_factor) * causal 3-frame average + the rest * stride-2 causal conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mix_factor = nn.Parameter(torch.tensor([2.0]))
+        self.conv = _CausalConv(channels, channels, 3, dims=3, stride=2)
+
+    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        # The average sees the same windows, and the same front padding, as the strided conv.
+        padded = self.conv.pad(x, stream)
+        n = (padded.shape[1] - 1) // 2
+        pooled = (padded[:, 0 : 2 * n : 2] + padded[:, 1 : 2 * n : 2] + padded[:, 2 : 2 * n + 1 : 2]) / 3
+        return self.conv.run(padded).lerp_(pooled, torch.sigmoid(self.mix_factor))
+
+
+def _linear2x(seq: torch.Tensor, start: bool, end: bool) -> torch.Tensor:
+    """Linear 2x upsampling along time (align_corners=False) of `seq`, or of the part of a longer segment that it is.
+
+    Output frames between input frames j and j+1 are 0.75/0.25 and 0.25/0.75 blends; the segment's first and last
+    output frames copy its end frames, and are emitted only if `seq` starts / ends the segment."""
+    s = seq.float()  # upstream interpolates in fp32
+    a, b = s[:, :-1], s[:, 1:]
+    inner = torch.stack([0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b], dim=2).flatten(1, 2)
+    return torch.cat([s[:, :1]] * start + [inner] + [s[:, -1:]] * end, dim=1).to(seq.dtype)
+
+
+class _TimeUpsample(nn.Module):
+    """2x temporal upsampling: sigmoid(mix_factor) * u + the rest * causal conv(u), where u is the input with each frame
+    repeated (v1.0) or linearly upsampled (v1.1). `head` is the number of input frames that come from latent 0: v1.1
+    upsamples those on their own."""
+
+    def __init__(self, channels: int, head: int):
+        super().__init__()
+        self.mix_factor = nn.Parameter(torch.tensor([2.0]))
+        self.conv = _CausalConv(channels, channels, 3, dims=3)
+        self.head = head
+
+    def _double(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        if stream.version == "v1.0":
+            return x.repeat_interleave(2, dim=1)
+        parts = []
+        before = stream.carry.get(self)
+        if before is None:  # first chunk: it always holds all of latent 0's frames
+            parts.append(_linear2x(x[:, : self.head], start=True, end=True))
+            x, before = x[:, self.head :], x[:, :0]
+        seq = torch.cat([before, x], dim=1)
+        if seq.shape[1]:
+            parts.append(_linear2x(seq, start=before.shape[1] == 0, end=stream.last))
+        # The last frame's second output blends it with the next frame: it is emitted with the next chunk.
+        stream.carry[self] = seq[:, -1:].clone()
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        u = self._double(x, stream)
+        return self.conv(u, stream).lerp_(u, torch.sigmoid(self.mix_factor))
+
+
+def _level(blocks: list[nn.Module], **resample: nn.Module | None) -> nn.Module:
+    """A container with the checkpoint's names: a `block` list and, unless None, a `downsample` / `upsample`."""
+    level = nn.Module()
+    level.block = nn.ModuleList(blocks)
+    for name, module in resample.items():
+        if module is not None:
+            setattr(level, name, module)
+    return level
+
+
+# Temporal 2x resampling happens at resolution levels 1 and 2 (upstream `tempo_ds` = [2, 1], `tempo_us` = [1, 2]).
+_TIME_LEVELS = (1, 2)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int):
+        super().__init__()
+        widths = [ch * m for m in ch_mult]
+        self.conv_in = _CausalConv(3, ch, 3, dims=3)
+        self.down, self.down_temporal = nn.ModuleList(), nn.ModuleList()
+        cin = ch
+        for i, c in enumerate(widths):
+            spatial = [_ResBlock(cin if j == 0 else c, c, "2d") for j in range(num_res_blocks)]
+            temporal = [_ResBlock(c, c, "1d") for _ in range(num_res_blocks)]
+            self.down.append(_level(spatial, downsample=_Downsample(c) if i < len(widths) - 1 else None))
+            self.down_temporal.append(_level(temporal, downsample=_TimeDownsample(c) if i in _TIME_LEVELS else None))
+            cin = c
+        self.mid = _Mid(cin)
+        self.norm_out = _Norm(cin)
+        self.conv_out = _CausalConv(cin, 2 * z_channels, 3, dims=3)  # mean and log-variance
+
+    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        h = self.conv_in(x, stream)
+        for spatial, temporal in zip(self.down, self.down_temporal):
+            for block_s, block_t in zip(spatial.block, temporal.block):
+                h = block_t(block_s(h, stream), stream)
+            if hasattr(spatial, "downsample"):
+                h = spatial.downsample(h)
+            if hasattr(temporal, "downsample"):
+                h = temporal.downsample(h, stream)
+        h = self.mid(h, stream)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True), stream)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int):
+        super().__init__()
+        widths = [ch * m for m in ch_mult]
+        self.conv_in = _CausalConv(z_channels, widths[-1], 3, dims=3)
+        self.mid = _Mid(widths[-1])
+        # `up[i]` is level i (up[0] is full resolution); the decoder runs them from the last level down.
+        self.up, self.up_temporal = nn.ModuleList(), nn.ModuleList()
+        for i, c in enumerate(widths):
+            cin = widths[min(i + 1, len(widths) - 1)]
+            spatial = [_ResBlock(cin if j == 0 else c, c, "2d") for j in range(num_res_blocks + 1)]
+            temporal = [_ResBlock(c, c, "1d") for _ in range(num_res_blocks + 1)]
+            # Frames per latent entering the temporal upsampler: 1 at level 2, 2 at level 1.
+            time_up = _TimeUpsample(c, head=2 ** (max(_TIME_LEVELS) - i)) if i in _TIME_LEVELS else None
+            self.up.append(_level(spatial, upsample=_Upsample(c) if i > 0 else None))
+            self.up_temporal.append(_level(temporal, upsample=time_up))
+        self.norm_out = _Norm(widths[0])
+        self.conv_out = _CausalConv(widths[0], 3, 3, dims=3)
+
+    def forward(self, z: torch.Tensor, stream: _Stream) -> torch.Tensor:
+        h = self.mid(self.conv_in(z, stream), stream)
+        for spatial, temporal in zip(reversed(self.up), reversed(self.up_temporal)):
+            for block_s, block_t in zip(spatial.block, temporal.block):
+                h = block_t(block_s(h, stream), stream)
+            if hasattr(spatial, "upsample"):
+                h = spatial.upsample(h)
+            if hasattr(temporal, "upsample"):
+                h = temporal.upsample(h, stream)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True), stream)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_video(video: torch.Tensor, temporal_factor: int, spatial_factor: int) -> None:
+    if not isinstance(video, torch.Tensor) or video.dim() != 5:
+        got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ValueError(f"video must be a (B, 3, T, H, W) tensor, got {got}")
+    if not video.is_floating_point():
+        raise ValueError(
+            f"video must be a float tensor in [-1, 1], got {video.dtype}; map uint8 frames with x / 127.5 - 1"
+        )
+    _, c, t, h, w = video.shape
+    if c != 3:
+        raise ValueError(f"video must have 3 (RGB) channels in dim 1, got {c}; the layout is (B, 3, T, H, W)")
+    if t < 1 or (t - 1) % temporal_factor:
+        raise ValueError(
+            f"video has T={t} frames; this VAE needs T = {temporal_factor}k+1 (e.g. 1, {temporal_factor + 1}, "
+            f"{2 * temporal_factor + 1}, ...): trim the clip or repeat its last frame"
+        )
+    if h < 1 or w < 1 or h % spatial_factor or w % spatial_factor:
+        raise ValueError(
+            f"video height and width must be positive multiples of {spatial_factor}, got {h}x{w}: resize or crop"
+        )
+    if video.numel():
+        lo, hi = video.aminmax()
+        if not (-1 - _RANGE_SLACK <= lo.item() and hi.item() <= 1 + _RANGE_SLACK):
+            raise ValueError(
+                f"video values must lie in [-1, 1], got min {lo.item():.3g} and max {hi.item():.3g}; "
+                "map uint8 frames with x / 127.5 - 1 (and [0, 1] frames with 2x - 1)"
+            )
+
+
+def _check_latents(latents: torch.Tensor, channels: int) -> None:
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or not latents.is_floating_point():
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a float (B, {channels}, T, H, W) tensor, got {got}")
+    if latents.shape[1] != channels:
+        raise ValueError(f"latents must have {channels} channels in dim 1, got {latents.shape[1]}")
+    if min(latents.shape[2:]) < 1:
+        raise ValueError(f"latents must have at least one frame and pixel, got shape {tuple(latents.shape)}")
+
+
+def _spans(total: int, first: int, step: int | None) -> list[tuple[int, int]]:
+    """Chunk boundaries along time: [0, first), then spans of `step` (the last may be shorter); None = one span."""
+    if step is None:
+        return [(0, total)]
+    edges = [0, *range(first, total, step), total]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _version_in_filename(name: str) -> str | None:
+    """The official files are named `vidtok_kl_causal_488_16chn.ckpt` and `vidtok_kl_causal_488_16chn_v1_1.ckpt`."""
+    if re.search(r"v1[._]1", name):
+        return "v1.1"
+    return "v1.0" if name == "vidtok_kl_causal_488_16chn.ckpt" else None
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The encoder/decoder weights of a Lightning checkpoint (weights under `state_dict`) or of a bare state dict."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        warnings.warn(
+            f"{path} holds more than tensors and plain containers ({str(err).splitlines()[0]}); loading it with "
+            "weights_only=False, which runs its pickled code: do this only with files you trust",
+            stacklevel=3,
+        )
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as missing:
+            raise ValueError(
+                f"{path} needs module {missing.name!r} to unpickle; install it, or re-save only the weights with "
+                "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path) where it is installed"
+            ) from missing
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is neither a Lightning checkpoint with a 'state_dict' nor a state dict of tensors")
+    # `loss.*` holds the training losses' weights (LPIPS, discriminator), which inference does not use.
+    return {k: v for k, v in state.items() if not k.startswith("loss.")}
+
+
+class VidTokVAE(nn.Module):
+    """VidTok causal KL VAE: video (B, 3, 4k+1, H, W) in [-1, 1] <-> latents (B, 16, k+1, H/8, W/8).
+
+    Args:
+        version: "v1.0" (zero temporal padding, frame-repeat upsampling; the default, because VideoFlexTok's
+            weights were trained on v1.0 latents) or "v1.1" (replicate padding, linear upsampling).
+        ch, ch_mult, num_res_blocks, z_channels: widths, named as in diffusers' `AutoencoderVidTok`; the defaults
+            are the official 16-channel model. `ch_mult` must have 4 entries (3 spatial 2x steps make the 8x).
+        chunk_latents: latent frames per chunk (4 latents = 16 video frames) in encode and decode, which bounds
+            peak memory regardless of video length; None processes the whole video at once. Results are the same.
+
+    encode/decode run without autograd: the VAE is frozen.
+    """
+
+    temporal_factor = 4
+    spatial_factor = 8
+
+    def __init__(
+        self,
+        version: str = "v1.0",
+        *,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        z_channels: int = 16,
+        chunk_latents: int | None = 4,
+    ):
+        super().__init__()
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        if len(ch_mult) != 4:
+            raise ValueError(f"ch_mult must have 4 entries (VidTok's 4x8x8 layout), got {tuple(ch_mult)}")
+        if chunk_latents is not None and chunk_latents < 1:
+            raise ValueError(f"chunk_latents must be a positive int or None, got {chunk_latents!r}")
+        self.version = version
+        self.latent_channels = z_channels
+        self.chunk_latents = chunk_latents
+        self.encoder = _Encoder(ch, tuple(ch_mult), num_res_blocks, z_channels)
+        self.decoder = _Decoder(ch, tuple(ch_mult), num_res_blocks, z_channels)
+        # Store conv weights channels-last too (same shapes, other strides), or every conv call would convert them.
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv1d):
+                conv.weight = nn.Parameter(conv.weight.detach().transpose(1, 2).contiguous().transpose(1, 2))
+            elif isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+                layout = torch.channels_last if isinstance(conv, nn.Conv2d) else torch.channels_last_3d
+                conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=layout))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, version: str = "v1.0", **kwargs) -> "VidTokVAE":
+        """Load an official VidTok checkpoint (Lightning `.ckpt`) or a saved state dict; returns the model in eval mode.
+
+        `version` must match the file: v1.0 is `vidtok_kl_causal_488_16chn.ckpt`, v1.1 is
+        `vidtok_kl_causal_488_16chn_v1_1.ckpt` (same tensors, different forward semantics). `kwargs` go to the
+        constructor."""
+        path = Path(path)
+        named = _version_in_filename(path.name)
+        if version in VERSIONS and named is not None and named != version:
+            raise ValueError(
+                f"{path.name} is the VidTok {named} checkpoint but version={version!r} was asked for; pass "
+                f"version={named!r} (both versions load the same tensors, but their forward passes differ)"
+            )
+        model = cls(version, **kwargs)
+        state = _read_checkpoint(path)
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        mismatched = [
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": mismatched}
+        problems = [
+            f"{what} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+            for what, items in found.items()
+            if items
+        ]
+        if problems:
+            raise ValueError(
+                f"{path} does not match this VidTok model: {'; '.join(problems)}. Use the causal 4x8x8 16-channel "
+                "KL checkpoint (vidtok_kl_causal_488_16chn.ckpt or its _v1_1 version from the microsoft/VidTok "
+                "Hugging Face repository), or pass the ch / ch_mult / num_res_blocks / z_channels it was trained with"
+            )
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+    @torch.no_grad()
+    def encode(
+        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B, 3, 4k+1, H, W) in [-1, 1] -> (B, 16, k+1, H/8, W/8): the posterior mean, or a sample if `sample`."""
+        _check_video(video, self.temporal_factor, self.spatial_factor)
+        x = video.permute(0, 2, 3, 4, 1)
+        step = None if self.chunk_latents is None else self.temporal_factor * self.chunk_latents
+        stream = _Stream(self.version)
+        moments = []
+        for start, end in _spans(x.shape[1], 1, step):
+            chunk = x[:, start:end]
+            if start == 0:
+                # Three copies of frame 0 in front: latent 0 then covers frame 0 alone, latent j frames 4j-3 .. 4j.
+                chunk = torch.cat([x[:, :1].expand(-1, self.temporal_factor - 1, -1, -1, -1), chunk], dim=1)
+            moments.append(self.encoder(chunk, stream))
+        mean, logvar = torch.cat(moments, dim=1).chunk(2, dim=-1)
+        if sample:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean.permute(0, 4, 1, 2, 3).contiguous()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 16, k+1, h, w) -> (B, 3, 4k+1, 8h, 8w), not clamped (values may stray slightly outside [-1, 1])."""
+        _check_latents(latents, self.latent_channels)
+        z = latents.permute(0, 2, 3, 4, 1)
+        b, n, h, w, _ = z.shape
+        drop = self.temporal_factor - 1  # the decoder's first 3 frames stand for the encoder's front padding
+        sf = self.spatial_factor
+        video = torch.empty(b, 3, self.temporal_factor * n - drop, sf * h, sf * w, dtype=z.dtype, device=z.device)
+        stream = _Stream(self.version)
+        done = 0  # decoded frames so far, counting the dropped ones
+        for start, end in _spans(n, 1, self.chunk_latents):
+            stream.last = end == n
+            frames = self.decoder(z[:, start:end], stream)
+            keep = frames[:, max(drop - done, 0) :]
+            at = max(done - drop, 0)
+            video[:, :, at : at + keep.shape[1]] = keep.permute(0, 4, 1, 2, 3)
+            done += frames.shape[1]
+        return video
+
+
+class PixelVAE(nn.Module):
+    """Identity latent space: the latents are the pixels, so the tokenizer works on pixels. For tiny CPU runs and
+    tests that need no weights; same API as `VidTokVAE` (any T, H, W; the posterior is a point, so `sample` changes
+    nothing)."""
+
+    latent_channels = 3
+    temporal_factor = 1
+    spatial_factor = 1
+
+    def encode(
+        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        _check_video(video, self.temporal_factor, self.spatial_factor)
+        return video.clone()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        _check_latents(latents, self.latent_channels)
+        return latents.clone()
