@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoint import check_state_dict, torch_load
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -274,7 +276,7 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
 
         state = load_safetensors(file)
     else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch_load(file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{file} does not hold a plain state dict (name -> tensor)")
     return state
@@ -310,18 +312,6 @@ def _infer_config(state: dict[str, torch.Tensor], hf_config: dict | None) -> Din
                      patch_size=patch, img_size=grid * patch, num_registers=registers, eps=eps)
     # The official constructors pair registers with the size-based, antialiased resize rule.
     return replace(cfg, interpolate_offset=0.0, interpolate_antialias=True) if registers else cfg
-
-
-def _check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{source} does not match the {type(model).__name__} it describes: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"shape mismatches (file vs model) {wrong[:5]}")
 
 
 def load_dinov2(path: str | Path, *, interpolate_offset: float | None = None,
@@ -362,7 +352,8 @@ def load_dinov2(path: str | Path, *, interpolate_offset: float | None = None,
     if interpolate_antialias is not None:
         cfg = replace(cfg, interpolate_antialias=bool(interpolate_antialias))
     model = DinoV2(cfg)
-    _check_state_dict(model, state, str(weights))
+    check_state_dict(model, state, str(weights), "Use an official DINOv2 hub file or a Hugging Face "
+                     "facebook/dinov2-* directory.")
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
 

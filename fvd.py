@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoint import check_state_dict, torch_load
+
 MIN_FRAMES = 9
 I3D_SIZE = 224
 NUM_CLASSES = 400
@@ -158,22 +160,15 @@ def load_i3d(path: str | Path, *, eps: float = 1e-3) -> I3D:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"I3D checkpoint not found: {path} (expected i3d_pretrained_400.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a plain state dict (name -> tensor)")
     # nn.BatchNorm3d saves a step counter that inference has no use for.
     state = {k.removeprefix("module."): v for k, v in state.items()
              if not k.endswith("num_batches_tracked")}
     model = I3D(eps)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} is not a Kinetics-400 I3D checkpoint in the pytorch-i3d layout: "
-                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:3]}), shape mismatches (file vs model) {wrong[:3]}")
+    check_state_dict(model, state, str(path), "Use the Kinetics-400 I3D checkpoint in the pytorch-i3d layout "
+                     "(i3d_pretrained_400.pt).")
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
 

@@ -30,14 +30,14 @@ frame of look-ahead, so each of its upsamplers holds back its last output frame 
 arrives. (Upstream v1.1's own chunked decoder approximates at chunk seams instead; we reproduce its unchunked output.)
 """
 
-import pickle
 import re
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from checkpoint import check_state_dict, torch_load
 
 VERSIONS = ("v1.0", "v1.1")
 # How far outside [-1, 1] input values may stray (e.g. resampling overshoot) before we call them a range mistake.
@@ -402,23 +402,9 @@ def _version_in_filename(name: str) -> str | None:
     return "v1.0" if name == "vidtok_kl_causal_488_16chn.ckpt" else None
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path: Path, trusted: bool) -> dict[str, torch.Tensor]:
     """The encoder/decoder weights of a Lightning checkpoint (weights under `state_dict`) or of a bare state dict."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        warnings.warn(
-            f"{path} holds more than tensors and plain containers ({str(err).splitlines()[0]}); loading it with "
-            "weights_only=False, which runs its pickled code: do this only with files you trust",
-            stacklevel=3,
-        )
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except ModuleNotFoundError as missing:
-            raise ValueError(
-                f"{path} needs module {missing.name!r} to unpickle; install it, or re-save only the weights with "
-                "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path) where it is installed"
-            ) from missing
+    ckpt = torch_load(path, trusted)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is neither a Lightning checkpoint with a 'state_dict' nor a state dict of tensors")
@@ -474,12 +460,14 @@ class VidTokVAE(nn.Module):
                 conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=layout))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, version: str = "v1.0", **kwargs) -> "VidTokVAE":
+    def from_checkpoint(cls, path: str | Path, version: str = "v1.0", trusted: bool = False,
+                        **kwargs) -> "VidTokVAE":
         """Load an official VidTok checkpoint (Lightning `.ckpt`) or a saved state dict; returns the model in eval mode.
 
         `version` must match the file: v1.0 is `vidtok_kl_causal_488_16chn.ckpt`, v1.1 is
-        `vidtok_kl_causal_488_16chn_v1_1.ckpt` (same tensors, different forward semantics). `kwargs` go to the
-        constructor."""
+        `vidtok_kl_causal_488_16chn_v1_1.ckpt` (same tensors, different forward semantics). The file is read with
+        `weights_only=True`; `trusted=True` allows a file that also pickles other objects (see
+        checkpoint.torch_load). `kwargs` go to the constructor."""
         path = Path(path)
         named = _version_in_filename(path.name)
         if version in VERSIONS and named is not None and named != version:
@@ -488,27 +476,11 @@ class VidTokVAE(nn.Module):
                 f"version={named!r} (both versions load the same tensors, but their forward passes differ)"
             )
         model = cls(version, **kwargs)
-        state = _read_checkpoint(path)
-        expected = model.state_dict()
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        mismatched = [
-            f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": mismatched}
-        problems = [
-            f"{what} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
-            for what, items in found.items()
-            if items
-        ]
-        if problems:
-            raise ValueError(
-                f"{path} does not match this VidTok model: {'; '.join(problems)}. Use the causal 4x8x8 16-channel "
-                "KL checkpoint (vidtok_kl_causal_488_16chn.ckpt or its _v1_1 version from the microsoft/VidTok "
-                "Hugging Face repository), or pass the ch / ch_mult / num_res_blocks / z_channels it was trained with"
-            )
+        state = _read_checkpoint(path, trusted)
+        check_state_dict(model, state, str(path),
+                         "Use the causal 4x8x8 16-channel KL checkpoint (vidtok_kl_causal_488_16chn.ckpt or its "
+                         "_v1_1 version from the microsoft/VidTok Hugging Face repository), or pass the ch / "
+                         "ch_mult / num_res_blocks / z_channels it was trained with.")
         model.load_state_dict(state, strict=True)
         return model.eval()
 

@@ -212,12 +212,13 @@ class NotAWeight:
     """Stands for a pickled object outside torch's weights_only allow-list (e.g. a config object)."""
 
 
-def test_checkpoint_with_other_pickled_objects_falls_back_with_a_warning(tmp_path):
+def test_checkpoint_with_other_pickled_objects_needs_trusted(tmp_path):
     vae = tiny_vae("v1.1")
     path = tmp_path / "vidtok_kl_causal_488_16chn_v1_1.ckpt"
     torch.save(lightning_checkpoint(vae, hyper_parameters=NotAWeight()), path)
-    with pytest.warns(UserWarning, match="weights_only=False"):
-        loaded = VidTokVAE.from_checkpoint(path, version="v1.1", **TINY)
+    with pytest.raises(ValueError, match="pickled objects besides tensors.*trusted=True"):
+        VidTokVAE.from_checkpoint(path, version="v1.1", **TINY)
+    loaded = VidTokVAE.from_checkpoint(path, version="v1.1", trusted=True, **TINY)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
 
 
