@@ -20,7 +20,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) tokenizer.py demo
+	$(PY) tokenizer.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

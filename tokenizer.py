@@ -132,11 +132,14 @@ class VideoFlexTok(nn.Module):
         return self.decoder.sample(codes, keep_k, size, steps, guidance, apg, prefix_latents, generator)
 
     def tokenize(self, video, vae):
-        """Video (B, 3, T, H, W) in [-1, 1] -> ids, through a VAE with `encode(video) -> latents`."""
+        """Video (B, 3, T, H, W) in [-1, 1] -> ids, through a frozen VAE (`vae.VidTokVAE`, `vae.PixelVAE`,
+        or anything with `encode(video) -> latents`)."""
+        self._check_vae(vae)
         return self.encode(vae.encode(video))
 
     def detokenize(self, ids, vae, **decode_kwargs):
         """Ids -> video, through the flow decoder and then `vae.decode(latents)`."""
+        self._check_vae(vae)
         return vae.decode(self.decode(ids, **decode_kwargs))
 
     ############################################################################
@@ -147,6 +150,13 @@ class VideoFlexTok(nn.Module):
         if any(s % p or not 0 < s // p <= g for s in size):
             raise ValueError(f"{name} (latent h, w) must be multiples of the patch size {p} and at most "
                              f"{g * p}; got {tuple(size)}")
+
+    def _check_vae(self, vae):
+        channels = getattr(vae, "latent_channels", self.cfg.latent_channels)
+        if channels != self.cfg.latent_channels:
+            raise ValueError(f"the VAE makes {channels}-channel latents but this tokenizer was built for "
+                             f"{self.cfg.latent_channels}; use the VAE it was trained with (PixelVAE for 3, "
+                             "VidTokVAE for 16)")
 
     def _check_latents(self, latents):
         C, T_max = self.cfg.latent_channels, self.cfg.max_frames
