@@ -170,20 +170,21 @@ class Decoder(nn.Module):
         device = latents.device
         keep_k = sample_keep_k(B, cfg.registers, cfg.nested_dropout, device)
         null = torch.rand(B, device=device) < cfg.null_cond_prob
+        # The prefix path runs even when no frame is clean, so that every parameter takes part in
+        # every step (DistributedDataParallel requires it).
+        prefix = torch.zeros(B, dtype=torch.long, device=device) if prefix is None else prefix
         registers = self.embed_registers(codes, keep_k, prefix, null)
 
         t = torch.sigmoid(torch.randn(B, device=device))  # logit-normal, one t per clip
         eps = torch.randn_like(latents)
         x_t = t.view(B, 1, 1, 1, 1) * eps + (1 - t.view(B, 1, 1, 1, 1)) * latents
-        frame_weight = torch.ones(B, T, device=device)
-        if prefix is not None:
-            is_prefix = (torch.arange(T, device=device) < prefix[:, None]).view(B, 1, T, 1, 1)
-            # Half the clips see a slightly noisy condition, so that a re-encoded decoded frame
-            # (long videos) is not out of distribution.
-            sigma = torch.rand(B, device=device) * cfg.prefix_noise * (torch.rand(B, device=device) < 0.5)
-            sigma = sigma.view(B, 1, 1, 1, 1)
-            x_t = torch.where(is_prefix, sigma * eps + (1 - sigma) * latents, x_t)
-            frame_weight = (~is_prefix).view(B, T).float()
+        is_prefix = (torch.arange(T, device=device) < prefix[:, None]).view(B, 1, T, 1, 1)
+        # Half the clips see a slightly noisy condition, so that a re-encoded decoded frame (long
+        # videos) is not out of distribution.
+        sigma = torch.rand(B, device=device) * cfg.prefix_noise * (torch.rand(B, device=device) < 0.5)
+        sigma = sigma.view(B, 1, 1, 1, 1)
+        x_t = torch.where(is_prefix, sigma * eps + (1 - sigma) * latents, x_t)
+        frame_weight = (~is_prefix).view(B, T).float()
 
         want_repa = repa_target is not None
         if want_repa and self.repa_head is None:
