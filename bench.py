@@ -135,6 +135,58 @@ def bench_vae_memory(args: argparse.Namespace) -> None:
             f"{peak / 2**20:.0f} MiB ({ratio:.2f}x the 17-frame peak)")
 
 
+def bench_data(args: argparse.Namespace) -> None:
+    """VideoFolder clip loading: clips/s through a DataLoader, in total and per worker.
+
+    The source is a temporary synthetic folder of mp4 files shaped like Kinetics (10 s at 25 fps by default), so
+    each clip seeks and decodes about (frames - 1) / fps seconds of video, then resizes and crops every kept frame.
+    Workers 0 means the main process. Each timed run loads `--clips` clips; workers persist across runs."""
+    import os
+    import tempfile
+
+    from data import VideoFolder, make_synthetic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_synthetic(tmp, num=args.videos, seed=0, size=args.source_size,
+                       frames=int(args.seconds * args.source_fps), fps=args.source_fps)
+        dataset = VideoFolder(tmp, frames=args.frames, fps=args.fps, size=args.size, index=False)
+        print(HEADER)
+        for workers in args.workers:
+            sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=args.clips,
+                                                     generator=torch.Generator().manual_seed(0))
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                                 num_workers=workers, persistent_workers=workers > 0)
+            times = []
+            for i in range(args.warmup + args.runs):
+                start = time.perf_counter()
+                for _ in loader:
+                    pass
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - start)
+            rate = args.clips / statistics.median(times)
+            row("VideoFolder clips via DataLoader (data.py)",
+                f"{args.frames}x{args.size}x{args.size} at {args.fps:g} fps from {args.source_size}px "
+                f"{args.source_fps:g} fps {args.seconds:g} s mp4, batch {args.batch_size}, {workers} workers, "
+                f"{args.clips} clips", f"cpu ({os.cpu_count()} cores)", torch.float32, times,
+                f"{rate:.1f} clips/s, {rate / max(workers, 1):.1f} per worker")
+            del loader
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--fps", type=float, default=4.0)
+    parser.add_argument("--size", type=int, default=128, help="clip side")
+    parser.add_argument("--source-size", type=int, default=128, help="side of the synthetic mp4 files")
+    parser.add_argument("--source-fps", type=float, default=25.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each synthetic video")
+    parser.add_argument("--videos", type=int, default=16)
+    parser.add_argument("--clips", type=int, default=64, help="clips per timed run")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers to try")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
+
+
 def _chunk_latents(text: str) -> int | None:
     return None if text == "none" else int(text)
 
@@ -159,6 +211,7 @@ def _vae_memory_options(parser: argparse.ArgumentParser) -> None:
 BENCHMARKS = {
     "vae": (bench_vae, _vae_options, "VidTok encode+decode speed, vae.py vs diffusers"),
     "vae-memory": (bench_vae_memory, _vae_memory_options, "VidTok chunked decode peak memory, 81 vs 17 frames"),
+    "data": (bench_data, _data_options, "VideoFolder clips/s per DataLoader worker, 17x128x128 clips from mp4"),
 }
 
 
