@@ -1,0 +1,364 @@
+"""Train the VideoFlexTok tokenizer, on a laptop CPU or under torchrun on many GPUs.
+
+Paper: §3 (method), §4.1 and Appendix F.1 (the two training stages). Stage 1 trains the encoder, the
+time-causal flow decoder and the REPA head with L = L_flow + lambda * L_REPA. Stage 2 freezes the
+encoder, switches the decoder to full attention and, with probability 0.5, gives it the first latent
+frame clean (frame conditioning), which long-video decoding relies on.
+
+    python train_tok.py                                    # tiny model, built-in synthetic data, CPU
+    torchrun --nproc_per_node=8 train_tok.py --data k600/ --preset d18-d18 \\
+        --vae vidtok --vae-ckpt vidtok_kl_causal_488_16chn.ckpt --dino-ckpt dinov2_vitl14_pretrain.pth
+    torchrun --nproc_per_node=8 train_tok.py ... --stage 2 --init runs/tok/ckpt-0400000.pt --run-dir runs/tok2
+
+A run directory holds `config.json`, `log.jsonl` (one record per logged step and per validation),
+`ckpt-STEP.pt` checkpoints written atomically, and `val/` (PNG sheets and mp4 reconstructions).
+`--resume` continues from the last complete checkpoint with the same model, optimizer, EMA, step,
+data position and random state, so an interrupted run ends with the weights of an uninterrupted one.
+
+References: DiT and nanoGPT (training-loop conventions), REPA (Yu et al., 2025).
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from checkpoint import torch_load
+from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
+from dino import load_dinov2, repa_targets
+from tokenizer import TokenizerConfig, VideoFlexTok
+from vae import PixelVAE, VidTokVAE
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data (generated once)")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/tok"))
+    p.add_argument("--preset", default="tiny", help="tokenizer preset (tiny, d12-d12, d18-d18, d18-d28)")
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2])
+    p.add_argument("--init", type=Path, default=None, help="stage 2: the stage-1 checkpoint to start from")
+    p.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"])
+    p.add_argument("--vae-ckpt", type=Path, default=None)
+    p.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
+    p.add_argument("--dino-ckpt", type=Path, default=None, help="DINOv2 weights for REPA; REPA is off without them")
+    p.add_argument("--repa-weight", type=float, default=0.5)
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--fps", type=float, default=4.0)
+    p.add_argument("--size", type=int, default=None, help="clip side in pixels; default: the preset's latent size times the VAE's factor")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per process and step")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at lr * this")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay; 0 disables the EMA")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--val-clips", type=int, default=4)
+    p.add_argument("--val-steps", type=int, default=25, help="Euler steps for validation decoding")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return p.parse_args(argv)
+
+
+################################################################################
+# Setup: processes, models, data
+
+def setup_distributed(args):
+    """(rank, world size, device). Works under torchrun (NCCL on CUDA, gloo on CPU) and as plain python."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_vae(args, device):
+    if args.vae == "pixel":
+        return PixelVAE()
+    if args.vae_ckpt is None:
+        raise SystemExit("--vae vidtok needs --vae-ckpt (vidtok_kl_causal_488_16chn.ckpt from the microsoft/VidTok "
+                         "Hugging Face repository), or use --vae pixel")
+    return VidTokVAE.from_checkpoint(args.vae_ckpt, version=args.vae_version).to(device)
+
+
+def build_config(args, dino):
+    cfg = TokenizerConfig.preset(args.preset)
+    if args.init is not None:  # stage 2 keeps the stage-1 architecture
+        cfg = TokenizerConfig(**json.loads(json.dumps(torch_load(args.init)["config"])))
+    cfg = dataclasses.replace(cfg, fsq_levels=tuple(cfg.fsq_levels), repa_weight=args.repa_weight,
+                              repa_dim=dino.cfg.dim if dino is not None else 0,
+                              dec_mask="full" if args.stage == 2 else cfg.dec_mask)
+    return cfg
+
+
+def build_data(args, cfg, vae, rank):
+    """(training subset, held-out subset) of the video folder. Rank 0 generates the built-in
+    synthetic data if needed and scans the folder first, so the others reuse its metadata cache."""
+    if rank == 0:
+        root = args.data or synthetic_data()
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        root = args.data or synthetic_data()
+    size = args.size or cfg.latent_size * vae.spatial_factor
+    latent_frames = (args.frames - 1) // vae.temporal_factor + 1
+    if latent_frames > cfg.max_frames:
+        raise SystemExit(f"--frames {args.frames} gives {latent_frames} latent frames; preset {args.preset} "
+                         f"takes at most {cfg.max_frames}")
+    if rank != 0 and dist.is_initialized():
+        dist.barrier()  # wait for rank 0's scan
+    train = VideoFolder(root, frames=args.frames, fps=args.fps, size=size, train=True, seed=args.seed)
+    if rank == 0 and dist.is_initialized():
+        dist.barrier()
+    val = VideoFolder(root, frames=args.frames, fps=args.fps, size=size, train=False, seed=args.seed)
+    # A fixed, seeded split: the last val_clips videos of a permutation are held out.
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = min(args.val_clips, len(train) // 2)
+    return Subset(train, order[n_val:]), Subset(val, order[:n_val])
+
+
+def epoch_loader(dataset, args, world, rank, epoch, skip_batches):
+    """The loader for one epoch, starting after `skip_batches` batches (resuming mid-epoch).
+
+    The order comes from a seeded DistributedSampler and the clip starts from the dataset's own
+    per-(seed, epoch, index) generators, so the same epoch is the same data however it is resumed.
+    The loader gets its own generator so that it never draws from the global random state.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    dataset.dataset.set_epoch(epoch)
+    indices = list(sampler)
+    usable = len(indices) - len(indices) % args.batch_size
+    indices = indices[skip_batches * args.batch_size:usable]
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
+                      drop_last=True, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
+def lr_at(step, args):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+################################################################################
+# Checkpoints
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def last_checkpoint(run_dir):
+    ckpts = sorted(run_dir.glob("ckpt-*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather(obj, world):
+    """Every rank's `obj`, in rank order (just [obj] without torchrun)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+################################################################################
+# Validation: reconstructions from 1, 2, 4, ..., K tokens per frame
+
+def psnr(a, b):
+    """PSNR of videos in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).float().pow(2).mean().clamp_min(1e-10)
+    return (10 * torch.log10(4 / mse)).item()
+
+
+@torch.no_grad()
+def validate(model, vae, clips, cfg, args, step, out_dir):
+    """Log PSNR per token budget; write a PNG sheet (rows = budgets then the input, columns = frames)
+    and one mp4 per budget for the first clip."""
+    budgets = [2 ** i for i in range(cfg.registers.bit_length()) if 2 ** i < cfg.registers] + [cfg.registers]
+    latents = vae.encode(clips)
+    ids = model.encode(latents)
+    gen = torch.Generator(clips.device).manual_seed(args.seed)
+    results, rows = {}, []
+    for k in budgets:
+        video = vae.decode(model.decode(ids[..., :k], steps=args.val_steps, generator=gen, size=latents.shape[-2:]))
+        results[k] = psnr(video, clips)
+        rows.append(to_uint8(video[0]))
+        write_video(out_dir / f"step{step:07d}-k{k:03d}.mp4", rows[-1], fps=args.fps)
+    rows.append(to_uint8(clips[0]))
+    write_png_grid(out_dir / f"step{step:07d}.png", np.stack(rows))
+    return results
+
+
+################################################################################
+# Training
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    master = rank == 0
+    torch.manual_seed(args.seed * world + rank)  # different noise and dropout on every rank
+    use_cuda = device.type == "cuda"
+    compile_model = use_cuda if args.compile is None else args.compile
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    vae = build_vae(args, device)
+    dino = None
+    if args.dino_ckpt is not None:
+        dino = load_dinov2(args.dino_ckpt).to(device)
+        if vae.temporal_factor != 4:
+            raise SystemExit("REPA targets align 4 RGB frames with each latent frame: use --vae vidtok with --dino-ckpt")
+    elif master:
+        print("REPA is off: no --dino-ckpt given (training uses the flow loss only)")
+    cfg = build_config(args, dino)
+    train_set, val_set = build_data(args, cfg, vae, rank)
+
+    model = VideoFlexTok(cfg).to(device)
+    if args.init is not None:
+        state = torch_load(args.init)
+        missing, unexpected = model.load_state_dict(state["ema"] or state["model"], strict=False)
+        if unexpected or any(not k.startswith("decoder.repa_head.") for k in missing):
+            raise SystemExit(f"{args.init} does not fit preset {args.preset}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if args.stage == 2:
+        model.encoder.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Weight decay on matrices only: norms have no weights, and biases, tokens and embeddings stay free.
+    groups = [{"params": [p for p in params if p.dim() >= 2 and p.shape[0] > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if not (p.dim() >= 2 and p.shape[0] > 1)], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=use_cuda)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if args.ema > 0 else None
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    ckpt_path = last_checkpoint(args.run_dir) if args.resume else None
+    if ckpt_path is not None:
+        state = torch_load(ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if len(state["rng"]) != world:
+            raise SystemExit(f"{ckpt_path} was written by {len(state['rng'])} processes; resume with as many")
+        set_rng_state(state["rng"][rank], device)
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+    elif args.resume and master:
+        print(f"--resume: no checkpoint in {args.run_dir}, starting from scratch")
+
+    net = torch.compile(model) if compile_model else model
+    if world > 1:
+        net = DistributedDataParallel(net, device_ids=[device.index] if use_cuda else None)
+    if master:
+        (args.run_dir / "val").mkdir(parents=True, exist_ok=True)
+        (args.run_dir / "config.json").write_text(json.dumps(
+            {"tokenizer": dataclasses.asdict(cfg), "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    val_clips = torch.stack([val_set[i][0] for i in range(len(val_set))]).to(device)
+    log = open(args.run_dir / "log.jsonl", "a") if master else None
+
+    def checkpoint_state():
+        rng = gather(rng_state(device), world)
+        return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "opt": opt.state_dict(), "config": dataclasses.asdict(cfg), "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "rng": rng}
+
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    start, clips_seen = time.time(), 0
+    while step < args.steps:
+        for video, _, _ in epoch_loader(train_set, args, world, rank, epoch, batch_in_epoch):
+            video = video.to(device, non_blocking=True)
+            with torch.no_grad():
+                latents = vae.encode(video)
+                grid = (latents.shape[-2] // cfg.patch_size, latents.shape[-1] // cfg.patch_size)
+                target = repa_targets(video, dino, grid=grid) if dino is not None else None
+            prefix = (torch.rand(video.shape[0], device=device) < 0.5).long() if args.stage == 2 else None
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                losses = net(latents, repa_target=target, prefix=prefix)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema.parameters(), model.parameters()):
+                        e.lerp_(p, 1 - args.ema)
+            step += 1
+            batch_in_epoch += 1
+            clips_seen += video.shape[0] * world
+            bar.update(1)
+
+            if step % args.log_every == 0 or step == args.steps:
+                values = {k: v.detach() for k, v in losses.items()}
+                if world > 1:
+                    for v in values.values():
+                        dist.all_reduce(v, op=dist.ReduceOp.AVG)
+                record = {"step": step, "lr": lr_at(step - 1, args), "grad_norm": grad_norm.item(),
+                          "clips_per_s": clips_seen / (time.time() - start)} | {k: v.item() for k, v in values.items()}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", clips_s=f"{record['clips_per_s']:.1f}")
+                if master:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+            if step % args.val_every == 0 or step == args.steps:
+                if master:
+                    results = validate(ema or model, vae, val_clips, cfg, args, step, args.run_dir / "val")
+                    log.write(json.dumps({"step": step, "val_psnr": results}) + "\n")
+                    log.flush()
+                    bar.write(f"step {step}: PSNR by tokens per frame " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()))
+            if step % args.ckpt_every == 0 or step == args.steps:
+                state = checkpoint_state()  # every rank takes part in gathering the random states
+                if master:
+                    save_checkpoint(args.run_dir / f"ckpt-{step:07d}.pt", state)
+            if step >= args.steps:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+
+    # Every rank reports a checksum of its weights: DDP keeps them identical, and the log shows it.
+    checksum = sum(p.double().sum().item() * (i + 1) for i, p in enumerate(model.parameters()))
+    sums = gather(checksum, world)
+    if master:
+        log.write(json.dumps({"step": step, "final": True, "rank_weight_checksums": sums}) + "\n")
+        log.close()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
