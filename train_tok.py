@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
     p.add_argument("--dino-ckpt", type=Path, default=None, help="DINOv2 weights for REPA; REPA is off without them")
     p.add_argument("--repa-weight", type=float, default=0.5)
+    p.add_argument("--cache", type=Path, default=None, help="encode the clips once (VAE latents, DINOv2 targets) into this directory and train from it")
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--fps", type=float, default=4.0)
     p.add_argument("--size", type=int, default=None, help="clip side in pixels; default: the preset's latent size times the VAE's factor")
@@ -132,7 +133,7 @@ def build_data(args, cfg, vae, rank):
     # A fixed, seeded split: the last val_clips videos of a permutation are held out.
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_val = min(args.val_clips, len(train) // 2)
-    return Subset(train, order[n_val:]), Subset(val, order[:n_val])
+    return Subset(train, order[n_val:]), Subset(val, order[:n_val]), size
 
 
 def epoch_loader(dataset, args, world, rank, epoch, skip_batches):
@@ -144,13 +145,90 @@ def epoch_loader(dataset, args, world, rank, epoch, skip_batches):
     """
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     sampler.set_epoch(epoch)
-    dataset.dataset.set_epoch(epoch)
+    if isinstance(dataset, Subset):  # a video folder draws its clip starts per epoch
+        dataset.dataset.set_epoch(epoch)
     indices = list(sampler)
     usable = len(indices) - len(indices) % args.batch_size
     indices = indices[skip_batches * args.batch_size:usable]
     return DataLoader(dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
                       drop_last=True, pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Clips encoded once: VAE latents and, with REPA, DINOv2 targets, stored as fp16 shards.
+
+    Items are (latents, targets) with an empty targets tensor when REPA is off. Shards are
+    memory-mapped, so a Kinetics-size cache does not have to fit in RAM.
+    """
+
+    SHARD = 256  # clips per shard file
+
+    def __init__(self, root):
+        self.shards = [torch.load(p, mmap=True, weights_only=True) for p in sorted(root.glob("shard-*.pt"))]
+        self.index = [(s, i) for s, shard in enumerate(self.shards) for i in range(len(shard["latents"]))]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        shard, j = self.index[i]
+        shard = self.shards[shard]
+        return shard["latents"][j].float(), shard["targets"][j].float()
+
+
+def cache_settings(args, root, size, n_clips):
+    """What a cache depends on; a cache built with anything else is refused."""
+    return {"data": str(root.resolve()), "clips": n_clips, "frames": args.frames,
+            "fps": args.fps, "size": size, "seed": args.seed, "val_clips": args.val_clips, "vae": args.vae,
+            "vae_ckpt": str(args.vae_ckpt), "vae_version": args.vae_version, "dino_ckpt": str(args.dino_ckpt),
+            "clip_start": "eval (fixed)"}
+
+
+@torch.no_grad()
+def build_cache(args, train_set, val_set, size, vae, dino, cfg, rank, world, device):
+    """Encode the training clips into `args.cache` once (each rank its share of the shards) and
+    return the cached dataset. Existing shards are kept, so an interrupted build resumes."""
+    root, meta = args.cache, args.cache / "meta.json"
+    settings = cache_settings(args, train_set.dataset.root, size, len(train_set))
+    if meta.exists():
+        found = json.loads(meta.read_text())
+        if found != settings:
+            diff = {k: (found.get(k), v) for k, v in settings.items() if found.get(k) != v}
+            raise SystemExit(f"--cache {root} was built with other settings (cached, now): {diff}. "
+                             "Use another directory or delete this one.")
+        return LatentCache(root)
+    root.mkdir(parents=True, exist_ok=True)
+    # The training clips read with fixed starts (the held-out split's evaluation-mode folder): a
+    # cached clip is always the same clip, so caching gives up random temporal crops.
+    clips = Subset(val_set.dataset, train_set.indices)
+    n_shards = math.ceil(len(clips) / LatentCache.SHARD)
+    for n in tqdm(range(rank, n_shards, world), desc="caching", disable=rank != 0):
+        path = root / f"shard-{n:05d}.pt"
+        if path.exists():
+            continue
+        part = Subset(clips, range(n * LatentCache.SHARD, min((n + 1) * LatentCache.SHARD, len(clips))))
+        latents, targets = [], []
+        for video, _, _ in DataLoader(part, batch_size=args.batch_size, num_workers=args.num_workers):
+            video = video.to(device)
+            latents.append(vae.encode(video).half().cpu())
+            targets.append(repa_targets(video, dino, grid=token_grid(latents[-1], cfg)).half().cpu()
+                           if dino is not None else torch.zeros(len(video), 0))
+        save_checkpoint(path, {"latents": torch.cat(latents), "targets": torch.cat(targets)})
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings, indent=2))
+        os.replace(tmp, meta)
+    if dist.is_initialized():
+        dist.barrier()
+    return LatentCache(root)
+
+
+def token_grid(latents, cfg):
+    """The decoder's patch-token grid (h, w) for latents (..., H, W): where REPA targets live."""
+    return latents.shape[-2] // cfg.patch_size, latents.shape[-1] // cfg.patch_size
 
 
 def lr_at(step, args):
@@ -246,7 +324,9 @@ def main(argv=None):
     elif master:
         print("REPA is off: no --dino-ckpt given (training uses the flow loss only)")
     cfg = build_config(args, dino)
-    train_set, val_set = build_data(args, cfg, vae, rank)
+    train_set, val_set, size = build_data(args, cfg, vae, rank)
+    if args.cache is not None:
+        train_set = build_cache(args, train_set, val_set, size, vae, dino, cfg, rank, world, device)
 
     model = VideoFlexTok(cfg).to(device)
     if args.init is not None:
@@ -299,13 +379,16 @@ def main(argv=None):
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     start, clips_seen = time.time(), 0
     while step < args.steps:
-        for video, _, _ in epoch_loader(train_set, args, world, rank, epoch, batch_in_epoch):
-            video = video.to(device, non_blocking=True)
-            with torch.no_grad():
-                latents = vae.encode(video)
-                grid = (latents.shape[-2] // cfg.patch_size, latents.shape[-1] // cfg.patch_size)
-                target = repa_targets(video, dino, grid=grid) if dino is not None else None
-            prefix = (torch.rand(video.shape[0], device=device) < 0.5).long() if args.stage == 2 else None
+        for batch in epoch_loader(train_set, args, world, rank, epoch, batch_in_epoch):
+            if args.cache is not None:
+                latents, target = (x.to(device, non_blocking=True) for x in batch)
+                target = target if dino is not None else None
+            else:
+                video = batch[0].to(device, non_blocking=True)
+                with torch.no_grad():
+                    latents = vae.encode(video)
+                    target = repa_targets(video, dino, grid=token_grid(latents, cfg)) if dino is not None else None
+            prefix = (torch.rand(latents.shape[0], device=device) < 0.5).long() if args.stage == 2 else None
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
@@ -320,7 +403,7 @@ def main(argv=None):
                         e.lerp_(p, 1 - args.ema)
             step += 1
             batch_in_epoch += 1
-            clips_seen += video.shape[0] * world
+            clips_seen += latents.shape[0] * world
             bar.update(1)
 
             if step % args.log_every == 0 or step == args.steps:

@@ -92,3 +92,25 @@ def test_torchrun_two_processes_keep_identical_weights(videos, tmp_path):
     sums = final[0]["rank_weight_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert len(weights(tmp_path / "ckpt-0000003.pt")["rng"]) == 2  # one random state per rank
+
+
+def test_cache_is_built_once_trained_from_and_refused_for_other_settings(videos, tmp_path):
+    cache = tmp_path / "cache"
+    run(videos, tmp_path / "a", "--steps", "2", "--ckpt-every", "100", "--val-every", "100", "--cache", str(cache))
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["size"] == 16 and meta["frames"] == 5 and meta["clips"] == 7  # 8 videos, 1 held out
+    cached = train_tok.LatentCache(cache)
+    assert len(cached) == 7
+    latents, targets = cached[0]
+    assert latents.shape == (3, 5, 16, 16) and targets.numel() == 0  # pixel "latents", no REPA
+    # The cached clip is the evaluation-mode clip of the same video (fixed start), in fp16.
+    train_set, val_set, _ = train_tok.build_data(train_tok.parse_args(["--data", str(videos), *FAST]),
+                                                 train_tok.TokenizerConfig.preset("tiny"), train_tok.PixelVAE(), 0)
+    assert torch.allclose(latents, val_set.dataset[train_set.indices[0]][0], atol=1e-3)
+    # A second run reuses it; other settings are refused.
+    stamp = (cache / "shard-00000.pt").stat().st_mtime_ns
+    run(videos, tmp_path / "b", "--steps", "1", "--ckpt-every", "100", "--val-every", "100", "--cache", str(cache))
+    assert (cache / "shard-00000.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="built with other settings.*'size': \\(16, 32\\)"):
+        train_tok.main(["--data", str(videos), "--run-dir", str(tmp_path / "c"), *FAST, "--size", "32",
+                        "--steps", "1", "--cache", str(cache)])
