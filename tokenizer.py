@@ -18,14 +18,13 @@ Run `python tokenizer.py` for a one-minute demonstration on CPU: a tiny tokenize
 random clips, and reconstructions improve with the number of tokens.
 """
 import argparse
-import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from decoder import APG, Decoder
+from decoder import Decoder
 from encoder import Encoder
 from fsq import LEVELS
 from transformer import Transformer
@@ -110,7 +109,7 @@ class VideoFlexTok(nn.Module):
     def decode(self, ids, steps=25, guidance=1.0, apg=None, prefix_latents=None, generator=None, size=None):
         """Token ids (B, T', k), any 1 <= k <= K (the first k tokens of every frame) -> latents.
 
-        steps: Euler steps; guidance: CFG scale (1 = off), with `apg=APG()` for adaptive projected
+        steps: Euler steps; guidance: CFG scale (1 = off), with `apg=decoder.APG()` for adaptive projected
         guidance (the official video setting is guidance 25 with APG); prefix_latents: clean
         leading latent frames to condition on; size: latent (h, w), default the trained size.
         """

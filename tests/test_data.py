@@ -16,14 +16,6 @@ import data
 from data import VideoFolder, load_clip, make_synthetic, read_video, write_video
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def numbered(count, size=32, width=None):
     """Grey frames whose brightness encodes their index: frame i has value 8 * i + 4, for up to 32 frames."""
     width = width or size

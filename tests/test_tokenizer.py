@@ -173,7 +173,7 @@ def test_prefix_frames_are_left_out_of_the_flow_loss():
     with_prefix = model.decoder.loss(x, codes, prefix=torch.tensor([1, 1]))["flow"]
     # Recompute by hand: the flow loss over frame 1 only.
     torch.manual_seed(1)
-    B, T = 2, 2
+    B = 2
     keep_k = sample_keep_k(B, 4, "pow2")
     torch.rand(B)  # null-condition draw (probability 0)
     regs = model.decoder.embed_registers(codes, keep_k, torch.tensor([1, 1]), torch.zeros(B, dtype=torch.bool))

@@ -21,15 +21,6 @@ OFFICIAL_KEYS_SHA256 = "28347ed91cdca23c78b32a7423d51c39f7239a0680058d2c399145d3
 OFFICIAL_PARAMS = {"encoder": 69_589_922, "decoder": 88_359_429}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: a second thread gains nothing, and on a busy machine the threads' barriers cost 10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
