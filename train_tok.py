@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at lr * this")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay; 0 disables the EMA")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (after a warm-up); 0 disables the EMA")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--val-every", type=int, default=500)
@@ -398,9 +398,12 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
             if ema is not None:
+                # Warm-up: early on the average follows the model closely, or a short run would be
+                # evaluated on weights still close to their initialisation.
+                decay = min(args.ema, (1 + step) / (10 + step))
                 with torch.no_grad():
                     for e, p in zip(ema.parameters(), model.parameters()):
-                        e.lerp_(p, 1 - args.ema)
+                        e.lerp_(p, 1 - decay)
             step += 1
             batch_in_epoch += 1
             clips_seen += latents.shape[0] * world
