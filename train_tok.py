@@ -18,7 +18,6 @@ data position and random state, so an interrupted run ends with the weights of a
 References: DiT and nanoGPT (training-loop conventions), REPA (Yu et al., 2025).
 """
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -30,13 +29,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
 from dino import load_dinov2, repa_targets
 from tokenizer import TokenizerConfig, VideoFlexTok
+from trainer import (barrier, epoch_loader, gather, last_checkpoint, lr_at, make_ema, make_optimizer, resume,
+                     save_checkpoint, setup_distributed, training_state, update_ema, weight_checksum)
 from vae import PixelVAE, VidTokVAE
 
 def parse_args(argv=None):
@@ -79,18 +80,6 @@ def parse_args(argv=None):
 ################################################################################
 # Setup: processes, models, data
 
-def setup_distributed(args):
-    """(rank, world size, device). Works under torchrun (NCCL on CUDA, gloo on CPU) and as plain python."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def build_vae(args, device):
     if args.vae == "pixel":
         return PixelVAE()
@@ -115,8 +104,7 @@ def build_data(args, cfg, vae, rank):
     synthetic data if needed and scans the folder first, so the others reuse its metadata cache."""
     if rank == 0:
         root = args.data or synthetic_data()
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     if rank != 0:
         root = args.data or synthetic_data()
     size = args.size or cfg.latent_size * vae.spatial_factor
@@ -124,35 +112,16 @@ def build_data(args, cfg, vae, rank):
     if latent_frames > cfg.max_frames:
         raise SystemExit(f"--frames {args.frames} gives {latent_frames} latent frames; preset {args.preset} "
                          f"takes at most {cfg.max_frames}")
-    if rank != 0 and dist.is_initialized():
-        dist.barrier()  # wait for rank 0's scan
+    if rank != 0:
+        barrier()  # wait for rank 0's scan
     train = VideoFolder(root, frames=args.frames, fps=args.fps, size=size, train=True, seed=args.seed)
-    if rank == 0 and dist.is_initialized():
-        dist.barrier()
+    if rank == 0:
+        barrier()
     val = VideoFolder(root, frames=args.frames, fps=args.fps, size=size, train=False, seed=args.seed)
     # A fixed, seeded split: the last val_clips videos of a permutation are held out.
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_val = min(args.val_clips, len(train) // 2)
     return Subset(train, order[n_val:]), Subset(val, order[:n_val]), size
-
-
-def epoch_loader(dataset, args, world, rank, epoch, skip_batches):
-    """The loader for one epoch, starting after `skip_batches` batches (resuming mid-epoch).
-
-    The order comes from a seeded DistributedSampler and the clip starts from the dataset's own
-    per-(seed, epoch, index) generators, so the same epoch is the same data however it is resumed.
-    The loader gets its own generator so that it never draws from the global random state.
-    """
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    if isinstance(dataset, Subset):  # a video folder draws its clip starts per epoch
-        dataset.dataset.set_epoch(epoch)
-    indices = list(sampler)
-    usable = len(indices) - len(indices) % args.batch_size
-    indices = indices[skip_batches * args.batch_size:usable]
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
-                      drop_last=True, pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      generator=torch.Generator().manual_seed(args.seed + epoch))
 
 
 class LatentCache(torch.utils.data.Dataset):
@@ -215,62 +184,18 @@ def build_cache(args, train_set, val_set, size, vae, dino, cfg, rank, world, dev
             targets.append(repa_targets(video, dino, grid=token_grid(latents[-1], cfg)).half().cpu()
                            if dino is not None else torch.zeros(len(video), 0))
         save_checkpoint(path, {"latents": torch.cat(latents), "targets": torch.cat(targets)})
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     if rank == 0:
         tmp = meta.with_suffix(".tmp")
         tmp.write_text(json.dumps(settings, indent=2))
         os.replace(tmp, meta)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return LatentCache(root)
 
 
 def token_grid(latents, cfg):
     """The decoder's patch-token grid (h, w) for latents (..., H, W): where REPA targets live."""
     return latents.shape[-2] // cfg.patch_size, latents.shape[-1] // cfg.patch_size
-
-
-def lr_at(step, args):
-    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-################################################################################
-# Checkpoints
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def last_checkpoint(run_dir):
-    ckpts = sorted(run_dir.glob("ckpt-*.pt"))
-    return ckpts[-1] if ckpts else None
-
-
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather(obj, world):
-    """Every rank's `obj`, in rank order (just [obj] without torchrun)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 ################################################################################
@@ -306,7 +231,7 @@ def validate(model, vae, clips, cfg, args, step, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
+    rank, world, device = setup_distributed(args.device)
     master = rank == 0
     torch.manual_seed(args.seed * world + rank)  # different noise and dropout on every rank
     use_cuda = device.type == "cuda"
@@ -336,25 +261,13 @@ def main(argv=None):
             raise SystemExit(f"{args.init} does not fit preset {args.preset}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if args.stage == 2:
         model.encoder.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Weight decay on matrices only: norms have no weights, and biases, tokens and embeddings stay free.
-    groups = [{"params": [p for p in params if p.dim() >= 2 and p.shape[0] > 1], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if not (p.dim() >= 2 and p.shape[0] > 1)], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=use_cuda)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if args.ema > 0 else None
+    opt, params = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.99), fused=use_cuda)
+    ema = make_ema(model, args.ema)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     ckpt_path = last_checkpoint(args.run_dir) if args.resume else None
     if ckpt_path is not None:
-        state = torch_load(ckpt_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        if len(state["rng"]) != world:
-            raise SystemExit(f"{ckpt_path} was written by {len(state['rng'])} processes; resume with as many")
-        set_rng_state(state["rng"][rank], device)
+        step, epoch, batch_in_epoch = resume(ckpt_path, model, opt, ema, world, rank, device)
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
     elif args.resume and master:
@@ -369,17 +282,13 @@ def main(argv=None):
             {"tokenizer": dataclasses.asdict(cfg), "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
     val_clips = torch.stack([val_set[i][0] for i in range(len(val_set))]).to(device)
     log = open(args.run_dir / "log.jsonl", "a") if master else None
-
-    def checkpoint_state():
-        rng = gather(rng_state(device), world)
-        return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "opt": opt.state_dict(), "config": dataclasses.asdict(cfg), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "rng": rng}
+    schedule = lambda step: lr_at(step, args.lr, args.warmup, args.steps, args.min_lr_ratio)  # noqa: E731
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     start, clips_seen = time.time(), 0
     while step < args.steps:
-        for batch in epoch_loader(train_set, args, world, rank, epoch, batch_in_epoch):
+        for batch in epoch_loader(train_set, args.batch_size, args.num_workers, args.seed, world, rank, epoch,
+                                  batch_in_epoch):
             if args.cache is not None:
                 latents, target = (x.to(device, non_blocking=True) for x in batch)
                 target = target if dino is not None else None
@@ -390,20 +299,14 @@ def main(argv=None):
                     target = repa_targets(video, dino, grid=token_grid(latents, cfg)) if dino is not None else None
             prefix = (torch.rand(latents.shape[0], device=device) < 0.5).long() if args.stage == 2 else None
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, args)
+                g["lr"] = schedule(step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
                 losses = net(latents, repa_target=target, prefix=prefix)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
-            if ema is not None:
-                # Warm-up: early on the average follows the model closely, or a short run would be
-                # evaluated on weights still close to their initialisation.
-                decay = min(args.ema, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for e, p in zip(ema.parameters(), model.parameters()):
-                        e.lerp_(p, 1 - decay)
+            update_ema(ema, model, args.ema, step)
             step += 1
             batch_in_epoch += 1
             clips_seen += latents.shape[0] * world
@@ -414,7 +317,7 @@ def main(argv=None):
                 if world > 1:
                     for v in values.values():
                         dist.all_reduce(v, op=dist.ReduceOp.AVG)
-                record = {"step": step, "lr": lr_at(step - 1, args), "grad_norm": grad_norm.item(),
+                record = {"step": step, "lr": schedule(step - 1), "grad_norm": grad_norm.item(),
                           "clips_per_s": clips_seen / (time.time() - start)} | {k: v.item() for k, v in values.items()}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", clips_s=f"{record['clips_per_s']:.1f}")
                 if master:
@@ -427,7 +330,7 @@ def main(argv=None):
                     log.flush()
                     bar.write(f"step {step}: PSNR by tokens per frame " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()))
             if step % args.ckpt_every == 0 or step == args.steps:
-                state = checkpoint_state()  # every rank takes part in gathering the random states
+                state = training_state(model, ema, opt, dataclasses.asdict(cfg), step, epoch, batch_in_epoch, world, device)
                 if master:
                     save_checkpoint(args.run_dir / f"ckpt-{step:07d}.pt", state)
             if step >= args.steps:
@@ -437,8 +340,7 @@ def main(argv=None):
     bar.close()
 
     # Every rank reports a checksum of its weights: DDP keeps them identical, and the log shows it.
-    checksum = sum(p.double().sum().item() * (i + 1) for i, p in enumerate(model.parameters()))
-    sums = gather(checksum, world)
+    sums = gather(weight_checksum(model), world)
     if master:
         log.write(json.dumps({"step": step, "final": True, "rank_weight_checksums": sums}) + "\n")
         log.close()

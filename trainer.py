@@ -1,0 +1,141 @@
+"""Training plumbing shared by train_tok.py and train_ar.py.
+
+Processes (plain python or torchrun), the AdamW parameter groups, the warmup + cosine schedule, the
+EMA, the data order, and checkpoints that resume exactly: model, optimizer, EMA, step, position in
+the epoch and every rank's random state. Nothing here knows about tokenizers or AR models.
+
+References: nanoGPT and DiT (torchrun and checkpoint conventions).
+"""
+import copy
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from checkpoint import torch_load
+
+
+def setup_distributed(device=None):
+    """(rank, world size, device). Works under torchrun (NCCL on CUDA, gloo on CPU) and as plain python."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj, world):
+    """Every rank's `obj`, in rank order (just [obj] without torchrun)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def make_optimizer(model, lr, weight_decay, betas, fused):
+    """AdamW with weight decay on matrices only: norms have no weights, and biases, learned tokens
+    and per-axis embeddings stay free."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and p.shape[0] > 1]
+    rest = [p for p in params if not (p.dim() >= 2 and p.shape[0] > 1)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused), params
+
+
+def lr_at(step, lr, warmup, steps, min_ratio):
+    """Linear warmup, then cosine decay to lr * min_ratio."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_ema(model, decay):
+    return copy.deepcopy(model).requires_grad_(False).eval() if decay > 0 else None
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay, step):
+    """Exponential moving average of the weights, with a warm-up: early on the average follows the
+    model closely, or a short run would be evaluated on weights still close to their initialisation."""
+    if ema is None:
+        return
+    decay = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def epoch_loader(dataset, batch_size, num_workers, seed, world, rank, epoch, skip_batches):
+    """The loader for one epoch, starting after `skip_batches` batches (resuming mid-epoch).
+
+    The order comes from a seeded DistributedSampler, so the same epoch is the same data however it
+    is resumed. The loader gets its own generator so that it never draws from the global random
+    state (which the training step uses).
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    if isinstance(dataset, Subset) and hasattr(dataset.dataset, "set_epoch"):
+        dataset.dataset.set_epoch(epoch)  # a video folder draws its clip starts per epoch
+    indices = list(sampler)
+    usable = len(indices) - len(indices) % batch_size
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices[skip_batches * batch_size:usable],
+                      num_workers=num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(seed + epoch))
+
+
+################################################################################
+# Checkpoints
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def last_checkpoint(run_dir):
+    ckpts = sorted(run_dir.glob("ckpt-*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def training_state(model, ema, opt, config, step, epoch, batch_in_epoch, world, device):
+    """Everything `resume` needs. Every rank must call it: it gathers their random states."""
+    return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "opt": opt.state_dict(), "config": config, "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "rng": gather(rng_state(device), world)}
+
+
+def resume(path, model, opt, ema, world, rank, device):
+    """Load a `training_state` checkpoint; returns (step, epoch, batch_in_epoch)."""
+    state = torch_load(path)
+    if len(state["rng"]) != world:
+        raise SystemExit(f"{path} was written by {len(state['rng'])} processes; resume with as many")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["rng"][rank]["cpu"])
+    if device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+    return state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+def weight_checksum(model):
+    """A position-weighted sum of all weights: equal across ranks iff DDP kept them in sync (as far
+    as a checksum can tell)."""
+    return sum(p.double().sum().item() * (i + 1) for i, p in enumerate(model.parameters()))
