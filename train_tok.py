@@ -20,8 +20,6 @@ References: DiT and nanoGPT (training-loop conventions), REPA (Yu et al., 2025).
 import argparse
 import dataclasses
 import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -29,16 +27,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
 from dino import load_dinov2, repa_targets
 from tokenizer import TokenizerConfig, VideoFlexTok
-from trainer import (barrier, epoch_loader, gather, last_checkpoint, lr_at, make_ema, make_optimizer, resume,
-                     save_checkpoint, setup_distributed, training_state, update_ema, weight_checksum)
-from vae import PixelVAE, VidTokVAE
+from trainer import (barrier, build_shards, epoch_loader, gather, last_checkpoint, lr_at, make_ema, make_optimizer,
+                     resume, save_checkpoint, setup_distributed, training_state, update_ema, weight_checksum)
+from vae import load_vae
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -80,15 +78,6 @@ def parse_args(argv=None):
 ################################################################################
 # Setup: processes, models, data
 
-def build_vae(args, device):
-    if args.vae == "pixel":
-        return PixelVAE()
-    if args.vae_ckpt is None:
-        raise SystemExit("--vae vidtok needs --vae-ckpt (vidtok_kl_causal_488_16chn.ckpt from the microsoft/VidTok "
-                         "Hugging Face repository), or use --vae pixel")
-    return VidTokVAE.from_checkpoint(args.vae_ckpt, version=args.vae_version).to(device)
-
-
 def build_config(args, dino):
     cfg = TokenizerConfig.preset(args.preset)
     if args.init is not None:  # stage 2 keeps the stage-1 architecture
@@ -124,73 +113,29 @@ def build_data(args, cfg, vae, rank):
     return Subset(train, order[n_val:]), Subset(val, order[:n_val]), size
 
 
-class LatentCache(torch.utils.data.Dataset):
-    """Clips encoded once: VAE latents and, with REPA, DINOv2 targets, stored as fp16 shards.
-
-    Items are (latents, targets) with an empty targets tensor when REPA is off. Shards are
-    memory-mapped, so a Kinetics-size cache does not have to fit in RAM.
-    """
-
-    SHARD = 256  # clips per shard file
-
-    def __init__(self, root):
-        self.shards = [torch.load(p, mmap=True, weights_only=True) for p in sorted(root.glob("shard-*.pt"))]
-        self.index = [(s, i) for s, shard in enumerate(self.shards) for i in range(len(shard["latents"]))]
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, i):
-        shard, j = self.index[i]
-        shard = self.shards[shard]
-        return shard["latents"][j].float(), shard["targets"][j].float()
-
-
 def cache_settings(args, root, size, n_clips):
-    """What a cache depends on; a cache built with anything else is refused."""
+    """What a latent cache depends on; a cache built with anything else is refused."""
     return {"data": str(root.resolve()), "clips": n_clips, "frames": args.frames,
             "fps": args.fps, "size": size, "seed": args.seed, "val_clips": args.val_clips, "vae": args.vae,
             "vae_ckpt": str(args.vae_ckpt), "vae_version": args.vae_version, "dino_ckpt": str(args.dino_ckpt),
             "clip_start": "eval (fixed)"}
 
 
-@torch.no_grad()
 def build_cache(args, train_set, val_set, size, vae, dino, cfg, rank, world, device):
-    """Encode the training clips into `args.cache` once (each rank its share of the shards) and
-    return the cached dataset. Existing shards are kept, so an interrupted build resumes."""
-    root, meta = args.cache, args.cache / "meta.json"
-    settings = cache_settings(args, train_set.dataset.root, size, len(train_set))
-    if meta.exists():
-        found = json.loads(meta.read_text())
-        if found != settings:
-            diff = {k: (found.get(k), v) for k, v in settings.items() if found.get(k) != v}
-            raise SystemExit(f"--cache {root} was built with other settings (cached, now): {diff}. "
-                             "Use another directory or delete this one.")
-        return LatentCache(root)
-    root.mkdir(parents=True, exist_ok=True)
+    """Encode the training clips once: VAE latents and, with REPA, DINOv2 targets, in fp16 shards.
+    Items are (latents, targets), targets empty when REPA is off."""
+    def encode(batch):
+        video = batch[0].to(device)
+        latents = vae.encode(video)
+        targets = (repa_targets(video, dino, grid=token_grid(latents, cfg)) if dino is not None
+                   else torch.zeros(len(video), 0))
+        return {"latents": latents.half().cpu(), "targets": targets.half().cpu()}
+
     # The training clips read with fixed starts (the held-out split's evaluation-mode folder): a
     # cached clip is always the same clip, so caching gives up random temporal crops.
     clips = Subset(val_set.dataset, train_set.indices)
-    n_shards = math.ceil(len(clips) / LatentCache.SHARD)
-    for n in tqdm(range(rank, n_shards, world), desc="caching", disable=rank != 0):
-        path = root / f"shard-{n:05d}.pt"
-        if path.exists():
-            continue
-        part = Subset(clips, range(n * LatentCache.SHARD, min((n + 1) * LatentCache.SHARD, len(clips))))
-        latents, targets = [], []
-        for video, _, _ in DataLoader(part, batch_size=args.batch_size, num_workers=args.num_workers):
-            video = video.to(device)
-            latents.append(vae.encode(video).half().cpu())
-            targets.append(repa_targets(video, dino, grid=token_grid(latents[-1], cfg)).half().cpu()
-                           if dino is not None else torch.zeros(len(video), 0))
-        save_checkpoint(path, {"latents": torch.cat(latents), "targets": torch.cat(targets)})
-    barrier()
-    if rank == 0:
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=2))
-        os.replace(tmp, meta)
-    barrier()
-    return LatentCache(root)
+    settings = cache_settings(args, train_set.dataset.root, size, len(train_set))
+    return build_shards(args.cache, clips, settings, encode, args.batch_size, args.num_workers, rank, world)
 
 
 def token_grid(latents, cfg):
@@ -240,7 +185,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    vae = build_vae(args, device)
+    vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
     dino = None
     if args.dino_ckpt is not None:
         dino = load_dinov2(args.dino_ckpt).to(device)
@@ -290,7 +235,7 @@ def main(argv=None):
         for batch in epoch_loader(train_set, args.batch_size, args.num_workers, args.seed, world, rank, epoch,
                                   batch_in_epoch):
             if args.cache is not None:
-                latents, target = (x.to(device, non_blocking=True) for x in batch)
+                latents, target = (x.to(device, non_blocking=True).float() for x in batch)
                 target = target if dino is not None else None
             else:
                 video = batch[0].to(device, non_blocking=True)

@@ -7,12 +7,14 @@ the epoch and every rank's random state. Nothing here knows about tokenizers or 
 References: nanoGPT and DiT (torchrun and checkpoint conventions).
 """
 import copy
+import json
 import math
 import os
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
 
 from checkpoint import torch_load
 
@@ -92,6 +94,70 @@ def epoch_loader(dataset, batch_size, num_workers, seed, world, rank, epoch, ski
     return DataLoader(dataset, batch_size=batch_size, sampler=indices[skip_batches * batch_size:usable],
                       num_workers=num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(seed + epoch))
+
+
+################################################################################
+# Datasets encoded once (tokenizer latents, AR token ids)
+
+class Shards(torch.utils.data.Dataset):
+    """Items stored in shard files written by `build_shards`: item i is a tuple of its fields.
+
+    Shards are memory-mapped, so a Kinetics-size cache does not have to fit in RAM.
+    """
+
+    SIZE = 256  # items per shard file
+
+    def __init__(self, root, fields):
+        self.fields = fields
+        self.shards = [torch.load(p, mmap=True, weights_only=True) for p in sorted(root.glob("shard-*.pt"))]
+        self.index = [(s, i) for s, shard in enumerate(self.shards) for i in range(len(shard[fields[0]]))]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        shard, j = self.index[i]
+        return tuple(self.shards[shard][f][j] for f in self.fields)
+
+
+@torch.no_grad()
+def build_shards(root, dataset, settings, encode, batch_size, num_workers, rank, world):
+    """Encode `dataset` once into `root` and return it as `Shards`.
+
+    `encode(batch)` maps a loader batch to a dict of per-item tensors or lists; each rank encodes
+    its share of the shards. `settings` (JSON) is stored in meta.json: a cache built with other
+    settings is refused rather than silently reused. Shards are written atomically and existing
+    ones kept, so an interrupted build resumes.
+    """
+    meta = root / "meta.json"
+    if meta.exists():
+        found = json.loads(meta.read_text())
+        if found["settings"] != settings:
+            diff = {k: (found["settings"].get(k), v) for k, v in settings.items() if found["settings"].get(k) != v}
+            raise SystemExit(f"cache {root} was built with other settings (cached, now): {diff}. "
+                             "Use another directory or delete this one.")
+        return Shards(root, found["fields"])
+    root.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(len(dataset) / Shards.SIZE)
+    fields = None
+    for n in tqdm(range(rank, n_shards, world), desc=f"encoding {root}", disable=rank != 0):
+        path = root / f"shard-{n:05d}.pt"
+        if path.exists():  # written by an interrupted build
+            fields = list(torch.load(path, mmap=True, weights_only=True))
+            continue
+        part = Subset(dataset, range(n * Shards.SIZE, min((n + 1) * Shards.SIZE, len(dataset))))
+        parts = [encode(batch) for batch in DataLoader(part, batch_size=batch_size, num_workers=num_workers)]
+        fields = list(parts[0])
+        save_checkpoint(path, {f: torch.cat([p[f] for p in parts]) if torch.is_tensor(parts[0][f])
+                               else sum((list(p[f]) for p in parts), []) for f in fields})
+    fields = [f for f in gather(fields, world) if f is not None][0]
+    barrier()
+    if rank == 0:
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": settings, "fields": fields}, indent=2))
+        os.replace(tmp, meta)
+    barrier()
+    return Shards(root, fields)
 
 
 ################################################################################

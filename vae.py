@@ -545,3 +545,15 @@ class PixelVAE(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         _check_latents(latents, self.latent_channels)
         return latents.clone()
+
+
+def load_vae(kind: str, ckpt: str | Path | None = None, version: str = "v1.0", device="cpu") -> nn.Module:
+    """The frozen VAE a script asks for by name: "pixel" (PixelVAE) or "vidtok" (VidTokVAE from `ckpt`)."""
+    if kind == "pixel":
+        return PixelVAE()
+    if kind != "vidtok":
+        raise ValueError(f"VAE kind must be 'pixel' or 'vidtok'; got {kind!r}")
+    if ckpt is None:
+        raise ValueError("the VidTok VAE needs its checkpoint (vidtok_kl_causal_488_16chn.ckpt from the microsoft/VidTok "
+                         "Hugging Face repository; flag --vae-ckpt), or use the pixel VAE (--vae pixel)")
+    return VidTokVAE.from_checkpoint(ckpt, version=version).to(device)

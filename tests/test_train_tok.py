@@ -12,6 +12,8 @@ import torch
 
 import train_tok
 from data import make_synthetic
+from trainer import Shards
+from vae import PixelVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 # A few-second configuration: 5 frames of 16x16 pixels, a 2-block tiny tokenizer.
@@ -97,20 +99,20 @@ def test_torchrun_two_processes_keep_identical_weights(videos, tmp_path):
 def test_cache_is_built_once_trained_from_and_refused_for_other_settings(videos, tmp_path):
     cache = tmp_path / "cache"
     run(videos, tmp_path / "a", "--steps", "2", "--ckpt-every", "100", "--val-every", "100", "--cache", str(cache))
-    meta = json.loads((cache / "meta.json").read_text())
+    meta = json.loads((cache / "meta.json").read_text())["settings"]
     assert meta["size"] == 16 and meta["frames"] == 5 and meta["clips"] == 7  # 8 videos, 1 held out
-    cached = train_tok.LatentCache(cache)
+    cached = Shards(cache, ["latents", "targets"])
     assert len(cached) == 7
     latents, targets = cached[0]
     assert latents.shape == (3, 5, 16, 16) and targets.numel() == 0  # pixel "latents", no REPA
     # The cached clip is the evaluation-mode clip of the same video (fixed start), in fp16.
     train_set, val_set, _ = train_tok.build_data(train_tok.parse_args(["--data", str(videos), *FAST]),
-                                                 train_tok.TokenizerConfig.preset("tiny"), train_tok.PixelVAE(), 0)
-    assert torch.allclose(latents, val_set.dataset[train_set.indices[0]][0], atol=1e-3)
+                                                 train_tok.TokenizerConfig.preset("tiny"), PixelVAE(), 0)
+    assert torch.allclose(latents.float(), val_set.dataset[train_set.indices[0]][0], atol=1e-3)
     # A second run reuses it; other settings are refused.
     stamp = (cache / "shard-00000.pt").stat().st_mtime_ns
     run(videos, tmp_path / "b", "--steps", "1", "--ckpt-every", "100", "--val-every", "100", "--cache", str(cache))
     assert (cache / "shard-00000.pt").stat().st_mtime_ns == stamp
-    with pytest.raises(SystemExit, match="built with other settings.*'size': \\(16, 32\\)"):
+    with pytest.raises(SystemExit, match="cache .* was built with other settings.*'size': \\(16, 32\\)"):
         train_tok.main(["--data", str(videos), "--run-dir", str(tmp_path / "c"), *FAST, "--size", "32",
                         "--steps", "1", "--cache", str(cache)])
