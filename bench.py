@@ -207,11 +207,62 @@ def _vae_memory_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", default="v1.0", choices=["v1.0", "v1.1"])
 
 
+def bench_ar(args: argparse.Namespace) -> None:
+    """AR sampling (ar.py) with and without the KV cache: tokens/s, and the time per token early and late.
+
+    One class-conditioned sample, 5 latent frames x 256 tokens (1280), vocabulary 64000, temperature 1. The time
+    of each step comes from `ARModel.stream`, which yields after every token; a span's figure is its median step
+    time, taken within one run. With the cache every step processes one position, so the steps at 1121-1280 cost
+    what those at 1-160 cost; without it every step re-runs the whole prefix, so its steps grow with the position
+    (measured up to 320 tokens only: a full 1280-token run without the cache takes minutes)."""
+    from ar import ARConfig, ARModel
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    cfg = ARConfig.preset("tiny", depth=args.depth, max_frames=5, tokens_per_frame=256)
+    model = ARModel(cfg).to(device, dtype).eval()
+    cls = torch.zeros(1, dtype=torch.long, device=device)
+
+    def step_times(tokens: int, cache: bool) -> list[float]:
+        """Seconds of each of the first `tokens` steps of one run."""
+        stamps = [time.perf_counter()]
+        steps = model.stream(cls, use_cache=cache, cfg_scale=args.cfg_scale,
+                             generator=torch.Generator(device).manual_seed(0))
+        for _, seq in zip(range(tokens), steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stamps.append(time.perf_counter())
+        return [b - a for a, b in zip(stamps, stamps[1:])]
+
+    config = f"d{args.depth} (width {cfg.width}), B=1, 5x256 tokens, vocab {cfg.vocab}, cfg {args.cfg_scale}"
+    print(HEADER)
+    for cache, spans in ((True, [(1, 160), (1121, 1280)]), (False, [(1, 160), (161, 320)])):
+        name = "with KV cache" if cache else "full recomputation"
+        runs = [step_times(spans[-1][1], cache) for _ in range(args.warmup + args.runs)][args.warmup:]
+        first = [sum(steps[:160]) for steps in runs]
+        row(f"AR sampling, {name} (ar.py)", f"{config}, first 160 tokens", device_name(device), dtype, first,
+            f"{160 / statistics.median(first):.1f} tokens/s")
+        for a, b in spans:
+            per_step = [statistics.median(steps[a - 1:b]) for steps in runs]
+            row(f"AR time per token at positions {a}-{b}, {name}", config, device_name(device), dtype,
+                per_step, f"{statistics.median(per_step) * 1e3:.2f} ms/token (median step)")
+
+
+def _ar_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depth", type=int, default=4, help="AR depth (width 64 * depth)")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (doubled batch)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
+
+
 # name -> (function, options, one-line help)
 BENCHMARKS = {
     "vae": (bench_vae, _vae_options, "VidTok encode+decode speed, vae.py vs diffusers"),
     "vae-memory": (bench_vae_memory, _vae_memory_options, "VidTok chunked decode peak memory, 81 vs 17 frames"),
     "data": (bench_data, _data_options, "VideoFolder clips/s per DataLoader worker, 17x128x128 clips from mp4"),
+    "ar": (bench_ar, _ar_options, "AR sampling tokens/s with and without the KV cache, cost per token early vs late"),
 }
 
 
