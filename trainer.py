@@ -130,6 +130,7 @@ def build_shards(root, dataset, settings, encode, batch_size, num_workers, rank,
     ones kept, so an interrupted build resumes.
     """
     meta = root / "meta.json"
+    settings = json.loads(json.dumps(settings))  # compare as stored (tuples become lists)
     if meta.exists():
         found = json.loads(meta.read_text())
         if found["settings"] != settings:
