@@ -38,8 +38,9 @@ from ar import ARConfig, ARModel
 from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_video
 from tokenizer import TokenizerConfig, VideoFlexTok
-from trainer import (Shards, build_shards, epoch_loader, gather, last_checkpoint, lr_at, make_ema, make_optimizer,
-                     resume, save_checkpoint, setup_distributed, training_state, update_ema, weight_checksum)
+from trainer import (Progress, RunLog, Shards, batches, build_shards, last_checkpoint, lr_at, make_ema, make_optimizer,
+                     optimizer_step, mean_over_ranks, resume, save_checkpoint, setup_distributed, training_state,
+                     update_ema, weight_checksum)
 from vae import load_vae
 
 
@@ -216,12 +217,12 @@ def train(args, rank, world, device):
     model = ARModel(cfg).to(device)
     opt, params = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95), fused=use_cuda)
     ema = make_ema(model, args.ema)
-    step, epoch, batch_in_epoch = 0, 0, 0
+    progress = Progress()
     ckpt_path = last_checkpoint(args.run_dir) if args.resume else None
     if ckpt_path is not None:
-        step, epoch, batch_in_epoch = resume(ckpt_path, model, opt, ema, world, rank, device)
+        progress = resume(ckpt_path, model, opt, ema, world, rank, device)
         if master:
-            print(f"resumed from {ckpt_path} at step {step}")
+            print(f"resumed from {ckpt_path} at step {progress.step}")
 
     objective = Objective(model, args.cond, args.text_encoder)
     if use_cuda and (args.compile is None or args.compile):
@@ -247,58 +248,40 @@ def train(args, rank, world, device):
         (args.run_dir / "config.json").write_text(json.dumps(
             {"ar": dataclasses.asdict(cfg), "cache": str(args.cache), "args": {k: str(v) for k, v in vars(args).items()}},
             indent=2))
-    log = open(args.run_dir / "log.jsonl", "a") if master else None
+    log = RunLog(args.run_dir, master)
     schedule = lambda s: lr_at(s, args.lr, args.warmup, args.steps, args.min_lr_ratio)  # noqa: E731
     fields = meta["fields"]
     k = cfg.tokens_per_frame
 
-    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=progress.step, disable=not master, dynamic_ncols=True)
     start, tokens_seen = time.time(), 0
-    while step < args.steps:
-        for batch in epoch_loader(data, args.batch_size, args.num_workers, args.seed, world, rank, epoch, batch_in_epoch):
-            item = dict(zip(fields, batch))
-            ids = item["ids"].long()[..., :k].to(device)  # uint16 on disk
-            label = item["label"].to(device)
-            t5, t5_mask = (item["t5"].to(device), item["t5_mask"].to(device)) if "t5" in item else (None, None)
-            for g in opt.param_groups:
-                g["lr"] = schedule(step)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                loss = objective(ids, label, list(item["caption"]), t5, t5_mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
-            update_ema(ema, model, args.ema, step)
-            step += 1
-            batch_in_epoch += 1
-            tokens_seen += ids.numel() * world
-            bar.update(1)
+    for batch in batches(data, progress, args.steps, args.batch_size, args.num_workers, args.seed, world, rank):
+        item = dict(zip(fields, batch))
+        ids = item["ids"].long()[..., :k].to(device)  # uint16 on disk
+        label = item["label"].to(device)
+        t5, t5_mask = (item["t5"].to(device), item["t5_mask"].to(device)) if "t5" in item else (None, None)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            loss = objective(ids, label, list(item["caption"]), t5, t5_mask)
+        grad_norm = optimizer_step(opt, params, loss, schedule(progress.step), args.grad_clip)
+        update_ema(ema, model, args.ema, progress.step)
+        progress.step += 1
+        step = progress.step
+        tokens_seen += ids.numel() * world
+        bar.update(1)
 
-            if step % args.log_every == 0 or step == args.steps:
-                value = loss.detach()
-                if world > 1:
-                    dist.all_reduce(value, op=dist.ReduceOp.AVG)
-                record = {"step": step, "loss": value.item(), "lr": schedule(step - 1), "grad_norm": float(grad_norm),
-                          "tokens_per_s": tokens_seen / (time.time() - start)}
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if master:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-            if master and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-                write_samples(ema or model, tok, vae, meta["settings"]["classes"], captions, args, step, device)
-            if step % args.ckpt_every == 0 or step == args.steps:
-                state = training_state(model, ema, opt, dataclasses.asdict(cfg), step, epoch, batch_in_epoch, world, device)
-                if master:
-                    save_checkpoint(args.run_dir / f"ckpt-{step:07d}.pt", state | {"tok_ckpt": meta["settings"]["tok_ckpt"]})
-            if step >= args.steps:
-                break
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
+        if step % args.log_every == 0 or step == args.steps:
+            record = {"step": step, "lr": schedule(step - 1), "grad_norm": grad_norm.item(),
+                      "tokens_per_s": tokens_seen / (time.time() - start)} | mean_over_ranks({"loss": loss}, world)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            log.write(record)
+        if master and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+            write_samples(ema or model, tok, vae, meta["settings"]["classes"], captions, args, step, device)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            state = training_state(model, ema, opt, dataclasses.asdict(cfg), progress, world, device)
+            if master:
+                save_checkpoint(args.run_dir / f"ckpt-{step:07d}.pt", state | {"tok_ckpt": meta["settings"]["tok_ckpt"]})
     bar.close()
-    sums = gather(weight_checksum(model), world)
-    if master:
-        log.write(json.dumps({"step": step, "final": True, "rank_weight_checksums": sums}) + "\n")
-        log.close()
+    log.close(model, progress.step, world)
 
 
 def main(argv=None):

@@ -34,8 +34,9 @@ from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
 from dino import load_dinov2, repa_targets
 from tokenizer import TokenizerConfig, VideoFlexTok
-from trainer import (barrier, build_shards, epoch_loader, gather, last_checkpoint, lr_at, make_ema, make_optimizer,
-                     resume, save_checkpoint, setup_distributed, training_state, update_ema, weight_checksum)
+from trainer import (Progress, RunLog, barrier, batches, build_shards, last_checkpoint, lr_at, make_ema, make_optimizer,
+                     mean_over_ranks, optimizer_step, resume, save_checkpoint, setup_distributed, training_state,
+                     update_ema)
 from vae import load_vae
 
 def parse_args(argv=None):
@@ -209,12 +210,12 @@ def main(argv=None):
     opt, params = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.99), fused=use_cuda)
     ema = make_ema(model, args.ema)
 
-    step, epoch, batch_in_epoch = 0, 0, 0
+    progress = Progress()
     ckpt_path = last_checkpoint(args.run_dir) if args.resume else None
     if ckpt_path is not None:
-        step, epoch, batch_in_epoch = resume(ckpt_path, model, opt, ema, world, rank, device)
+        progress = resume(ckpt_path, model, opt, ema, world, rank, device)
         if master:
-            print(f"resumed from {ckpt_path} at step {step}")
+            print(f"resumed from {ckpt_path} at step {progress.step}")
     elif args.resume and master:
         print(f"--resume: no checkpoint in {args.run_dir}, starting from scratch")
 
@@ -226,69 +227,45 @@ def main(argv=None):
         (args.run_dir / "config.json").write_text(json.dumps(
             {"tokenizer": dataclasses.asdict(cfg), "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
     val_clips = torch.stack([val_set[i][0] for i in range(len(val_set))]).to(device)
-    log = open(args.run_dir / "log.jsonl", "a") if master else None
+    log = RunLog(args.run_dir, master)
     schedule = lambda step: lr_at(step, args.lr, args.warmup, args.steps, args.min_lr_ratio)  # noqa: E731
 
-    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=progress.step, disable=not master, dynamic_ncols=True)
     start, clips_seen = time.time(), 0
-    while step < args.steps:
-        for batch in epoch_loader(train_set, args.batch_size, args.num_workers, args.seed, world, rank, epoch,
-                                  batch_in_epoch):
-            if args.cache is not None:
-                latents, target = (x.to(device, non_blocking=True).float() for x in batch)
-                target = target if dino is not None else None
-            else:
-                video = batch[0].to(device, non_blocking=True)
-                with torch.no_grad():
-                    latents = vae.encode(video)
-                    target = repa_targets(video, dino, grid=token_grid(latents, cfg)) if dino is not None else None
-            prefix = (torch.rand(latents.shape[0], device=device) < 0.5).long() if args.stage == 2 else None
-            for g in opt.param_groups:
-                g["lr"] = schedule(step)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                losses = net(latents, repa_target=target, prefix=prefix)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
-            update_ema(ema, model, args.ema, step)
-            step += 1
-            batch_in_epoch += 1
-            clips_seen += latents.shape[0] * world
-            bar.update(1)
-
-            if step % args.log_every == 0 or step == args.steps:
-                values = {k: v.detach() for k, v in losses.items()}
-                if world > 1:
-                    for v in values.values():
-                        dist.all_reduce(v, op=dist.ReduceOp.AVG)
-                record = {"step": step, "lr": schedule(step - 1), "grad_norm": grad_norm.item(),
-                          "clips_per_s": clips_seen / (time.time() - start)} | {k: v.item() for k, v in values.items()}
-                bar.set_postfix(loss=f"{record['loss']:.4f}", clips_s=f"{record['clips_per_s']:.1f}")
-                if master:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-            if step % args.val_every == 0 or step == args.steps:
-                if master:
-                    results = validate(ema or model, vae, val_clips, cfg, args, step, args.run_dir / "val")
-                    log.write(json.dumps({"step": step, "val_psnr": results}) + "\n")
-                    log.flush()
-                    bar.write(f"step {step}: PSNR by tokens per frame " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()))
-            if step % args.ckpt_every == 0 or step == args.steps:
-                state = training_state(model, ema, opt, dataclasses.asdict(cfg), step, epoch, batch_in_epoch, world, device)
-                if master:
-                    save_checkpoint(args.run_dir / f"ckpt-{step:07d}.pt", state)
-            if step >= args.steps:
-                break
+    for batch in batches(train_set, progress, args.steps, args.batch_size, args.num_workers, args.seed, world, rank):
+        if args.cache is not None:
+            latents, target = (x.to(device, non_blocking=True).float() for x in batch)
+            target = target if dino is not None else None
         else:
-            epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
+            video = batch[0].to(device, non_blocking=True)
+            with torch.no_grad():
+                latents = vae.encode(video)
+                target = repa_targets(video, dino, grid=token_grid(latents, cfg)) if dino is not None else None
+        prefix = (torch.rand(latents.shape[0], device=device) < 0.5).long() if args.stage == 2 else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            losses = net(latents, repa_target=target, prefix=prefix)
+        grad_norm = optimizer_step(opt, params, losses["loss"], schedule(progress.step), args.grad_clip)
+        update_ema(ema, model, args.ema, progress.step)
+        progress.step += 1
+        step = progress.step
+        clips_seen += latents.shape[0] * world
+        bar.update(1)
 
-    # Every rank reports a checksum of its weights: DDP keeps them identical, and the log shows it.
-    sums = gather(weight_checksum(model), world)
-    if master:
-        log.write(json.dumps({"step": step, "final": True, "rank_weight_checksums": sums}) + "\n")
-        log.close()
+        if step % args.log_every == 0 or step == args.steps:
+            record = {"step": step, "lr": schedule(step - 1), "grad_norm": grad_norm.item(),
+                      "clips_per_s": clips_seen / (time.time() - start)} | mean_over_ranks(losses, world)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", clips_s=f"{record['clips_per_s']:.1f}")
+            log.write(record)
+        if master and (step % args.val_every == 0 or step == args.steps):
+            results = validate(ema or model, vae, val_clips, cfg, args, step, args.run_dir / "val")
+            log.write({"step": step, "val_psnr": results})
+            bar.write(f"step {step}: PSNR by tokens per frame " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()))
+        if step % args.ckpt_every == 0 or step == args.steps:
+            state = training_state(model, ema, opt, dataclasses.asdict(cfg), progress, world, device)
+            if master:
+                save_checkpoint(args.run_dir / f"ckpt-{step:07d}.pt", state)
+    bar.close()
+    log.close(model, progress.step, world)
     if world > 1:
         dist.destroy_process_group()
 

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -76,6 +77,70 @@ def update_ema(ema, model, decay, step):
     decay = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so that a resumed run continues mid-epoch."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def batches(dataset, progress, steps, batch_size, num_workers, seed, world, rank):
+    """Training batches, epoch after epoch, from `progress` on until `steps`.
+
+    The caller counts each finished optimizer step with `progress.step += 1`; the position in the
+    epoch is kept here, already counting the batch being used, so a checkpoint taken in the step
+    resumes after it.
+    """
+    while progress.step < steps:
+        for batch in epoch_loader(dataset, batch_size, num_workers, seed, world, rank, progress.epoch,
+                                  progress.batch_in_epoch):
+            progress.batch_in_epoch += 1
+            yield batch
+            if progress.step >= steps:
+                return
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+
+
+def optimizer_step(opt, params, loss, lr, grad_clip):
+    """Backward, clip, step at learning rate `lr`; returns the gradient norm before clipping."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return grad_norm
+
+
+def mean_over_ranks(values, world):
+    """{name: scalar tensor} -> {name: float}, averaged over all processes."""
+    values = {k: v.detach().float().clone() for k, v in values.items()}
+    if world > 1:
+        for v in values.values():
+            dist.all_reduce(v, op=dist.ReduceOp.AVG)
+    return {k: v.item() for k, v in values.items()}
+
+
+class RunLog:
+    """`log.jsonl` in the run directory: one JSON record per line, written by rank 0 only."""
+
+    def __init__(self, run_dir, master):
+        self.file = open(run_dir / "log.jsonl", "a") if master else None
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self, model, step, world):
+        """Last record: every rank's weight checksum, equal iff DDP kept the ranks in sync. Every
+        rank must call it."""
+        self.write({"step": step, "final": True, "rank_weight_checksums": gather(weight_checksum(model), world)})
+        if self.file:
+            self.file.close()
 
 
 def epoch_loader(dataset, batch_size, num_workers, seed, world, rank, epoch, skip_batches):
@@ -180,15 +245,14 @@ def rng_state(device):
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def training_state(model, ema, opt, config, step, epoch, batch_in_epoch, world, device):
+def training_state(model, ema, opt, config, progress, world, device):
     """Everything `resume` needs. Every rank must call it: it gathers their random states."""
     return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "opt": opt.state_dict(), "config": config, "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "rng": gather(rng_state(device), world)}
+            "opt": opt.state_dict(), "config": config, "rng": gather(rng_state(device), world)} | asdict(progress)
 
 
 def resume(path, model, opt, ema, world, rank, device):
-    """Load a `training_state` checkpoint; returns (step, epoch, batch_in_epoch)."""
+    """Load a `training_state` checkpoint into the model, optimizer, EMA and random state; returns its Progress."""
     state = torch_load(path)
     if len(state["rng"]) != world:
         raise SystemExit(f"{path} was written by {len(state['rng'])} processes; resume with as many")
@@ -199,7 +263,7 @@ def resume(path, model, opt, ema, world, rank, device):
     torch.set_rng_state(state["rng"][rank]["cpu"])
     if device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
-    return state["step"], state["epoch"], state["batch_in_epoch"]
+    return Progress(state["step"], state["epoch"], state["batch_in_epoch"])
 
 
 def weight_checksum(model):
