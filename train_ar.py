@@ -38,7 +38,7 @@ from ar import ARConfig, ARModel
 from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_video
 from tokenizer import TokenizerConfig, VideoFlexTok
-from trainer import (Progress, RunLog, Shards, batches, build_shards, last_checkpoint, lr_at, make_ema, make_optimizer,
+from trainer import (Progress, RunLog, Shards, batches, build_shards, lr_at, make_ema, make_optimizer,
                      optimizer_step, mean_over_ranks, resume, save_checkpoint, setup_distributed, training_state,
                      update_ema, weight_checksum)
 from vae import load_vae
@@ -217,12 +217,7 @@ def train(args, rank, world, device):
     model = ARModel(cfg).to(device)
     opt, params = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95), fused=use_cuda)
     ema = make_ema(model, args.ema)
-    progress = Progress()
-    ckpt_path = last_checkpoint(args.run_dir) if args.resume else None
-    if ckpt_path is not None:
-        progress = resume(ckpt_path, model, opt, ema, world, rank, device)
-        if master:
-            print(f"resumed from {ckpt_path} at step {progress.step}")
+    progress = resume(args.run_dir, model, opt, ema, world, rank, device) if args.resume else Progress()
 
     objective = Objective(model, args.cond, args.text_encoder)
     if use_cuda and (args.compile is None or args.compile):

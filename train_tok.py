@@ -34,7 +34,7 @@ from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
 from dino import load_dinov2, repa_targets
 from tokenizer import TokenizerConfig, VideoFlexTok
-from trainer import (Progress, RunLog, barrier, batches, build_shards, last_checkpoint, lr_at, make_ema, make_optimizer,
+from trainer import (Progress, RunLog, barrier, batches, build_shards, lr_at, make_ema, make_optimizer,
                      mean_over_ranks, optimizer_step, resume, save_checkpoint, setup_distributed, training_state,
                      update_ema)
 from vae import load_vae
@@ -210,14 +210,7 @@ def main(argv=None):
     opt, params = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.99), fused=use_cuda)
     ema = make_ema(model, args.ema)
 
-    progress = Progress()
-    ckpt_path = last_checkpoint(args.run_dir) if args.resume else None
-    if ckpt_path is not None:
-        progress = resume(ckpt_path, model, opt, ema, world, rank, device)
-        if master:
-            print(f"resumed from {ckpt_path} at step {progress.step}")
-    elif args.resume and master:
-        print(f"--resume: no checkpoint in {args.run_dir}, starting from scratch")
+    progress = resume(args.run_dir, model, opt, ema, world, rank, device) if args.resume else Progress()
 
     net = torch.compile(model) if compile_model else model
     if world > 1:

@@ -251,8 +251,14 @@ def training_state(model, ema, opt, config, progress, world, device):
             "opt": opt.state_dict(), "config": config, "rng": gather(rng_state(device), world)} | asdict(progress)
 
 
-def resume(path, model, opt, ema, world, rank, device):
-    """Load a `training_state` checkpoint into the model, optimizer, EMA and random state; returns its Progress."""
+def resume(run_dir, model, opt, ema, world, rank, device):
+    """Continue from the last complete checkpoint in `run_dir`: model, optimizer, EMA, random state.
+    Returns its Progress (a fresh one when there is no checkpoint yet)."""
+    path = last_checkpoint(run_dir)
+    if path is None:
+        if rank == 0:
+            print(f"--resume: no checkpoint in {run_dir}, starting from scratch")
+        return Progress()
     state = torch_load(path)
     if len(state["rng"]) != world:
         raise SystemExit(f"{path} was written by {len(state['rng'])} processes; resume with as many")
@@ -263,6 +269,8 @@ def resume(path, model, opt, ema, world, rank, device):
     torch.set_rng_state(state["rng"][rank]["cpu"])
     if device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+    if rank == 0:
+        print(f"resumed from {path} at step {state['step']}")
     return Progress(state["step"], state["epoch"], state["batch_in_epoch"])
 
 
