@@ -1,0 +1,438 @@
+"""Sample videos from VideoFlexTok tokens: text- or class-to-video with the AR generator, and
+reconstructions of a real video from 1, 2, 4, ..., K tokens per frame.
+
+Paper: §3.3 and §4.3 (AR generation over coarse-to-fine tokens, any token budget), §3.4 and
+Appendix F.1 (decoding conditioned on clean frames, long videos), Appendix C.3 (time-first order),
+Figures 2 and 13-16 (reconstructions per token budget). Official release (reference notes §11.8):
+chunked tokenization and decoding of long videos, and the sampler settings (guidance 25 with APG).
+
+    python sample.py --ar-ckpt runs/ar/ckpt-0002000.pt --prompt "a red circle moving left" --tokens-per-frame 32
+    python sample.py --ar-ckpt runs/ar/ckpt-0002000.pt --class 3 --frames 81 --num-samples 2
+    python sample.py --tok-ckpt runs/tok/ckpt-0002000.pt --reconstruct clip.mp4
+
+Long videos. A chunk is the longest clip the tokenizer takes, (T'_max - 1) * f + 1 frames for a VAE
+with temporal factor f (17 for the tiny preset on pixels and for d18 on VidTok); chunks overlap by
+one frame, so a video must have 1 + 16n frames (1 + stride * n in general).
+When generating, the AR model's latent frames per sequence (at most T'_max) set the chunk instead:
+5 for the AR presets trained on 17-frame clips, so again 17 frames through VidTok.
+- Tokenizing: 17-frame windows with stride 16. Every chunk after the first drops its first latent
+  frame: it encodes the overlap frame alone, which the previous chunk already covered. So 81 frames
+  with a 4x VAE are 1 + 4 * 5 = 21 latent frames, 672 tokens at 32 tokens per frame.
+- Decoding runs chunk by chunk. Chunk 1 is decoded from its tokens. For each later chunk the last
+  *decoded* frame is re-encoded (VAE, then the tokenizer's encoder) and put in front of the chunk's
+  new latent frames; its clean latent is the prefix that `decode` holds fixed (the decoder masks
+  that frame's registers), and the re-decoded overlap frame is removed from the output. Content
+  stays consistent across chunks even from a single token per frame, because each chunk continues
+  from pixels rather than from tokens.
+- Generating: the AR model was trained on sequences of T'_max latent frames, and in time-first
+  order a frame's tokens are spread over the whole sequence, so it cannot be asked to continue a
+  previous chunk's tokens. Each chunk's tokens are therefore sampled independently from the same
+  condition, and their first frame is dropped (its place is the re-encoded overlap frame).
+  Continuity comes only from the decoder's frame conditioning: motion and content that the AR
+  model chooses differently in the next chunk change at the chunk boundary, guided by the same
+  prompt. That is the limit of this design; an AR model trained on longer sequences or with frame
+  prefixes would remove it.
+
+Outputs go to a hidden temporary folder inside --out and are moved into place only once all of
+them are written, so a failure leaves nothing half-written behind.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ar import ARConfig, ARModel, from_sequence
+from checkpoint import torch_load
+from data import BadVideo, load_clip, probe, start_frames, to_uint8, write_png_grid, write_video
+from decoder import APG
+from train_ar import load_tokenizer
+from train_tok import psnr
+from vae import load_vae
+
+SHEET_COLUMNS = 9  # frames shown per row of the contact sheet, evenly spaced, first and last included
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_argument_group("what to sample")
+    what.add_argument("--prompt", action="append", default=[], help="text-to-video prompt (repeatable)")
+    what.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME_OR_ID",
+                      help="class-to-video: a class name or id (repeatable)")
+    what.add_argument("--reconstruct", type=Path, default=None, metavar="VIDEO",
+                      help="tokenize this video and decode it from 1, 2, 4, ..., K tokens per frame")
+    what.add_argument("--num-samples", type=int, default=1, help="videos per prompt or class")
+    what.add_argument("--tokens-per-frame", type=int, default=None, help="1..K; default 32, or K if smaller")
+    what.add_argument("--frames", type=int, default=17, help="1 + 16n (17 = one chunk, 81 = 10 s at 8 fps)")
+    what.add_argument("--fps", type=float, default=4.0, help="frame rate of the written videos and of --reconstruct's clip")
+    what.add_argument("--size", type=int, default=None, help="side in pixels; default: the tokenizer's trained size")
+    ckpts = p.add_argument_group("checkpoints")
+    ckpts.add_argument("--ar-ckpt", type=Path, default=None, help="AR checkpoint (train_ar.py)")
+    ckpts.add_argument("--tok-ckpt", type=Path, default=None, help="tokenizer checkpoint (train_tok.py); default: the AR checkpoint's")
+    ckpts.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"], help="the VAE the tokenizer was trained with")
+    ckpts.add_argument("--vae-ckpt", type=Path, default=None)
+    ckpts.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
+    ckpts.add_argument("--t5", type=Path, default=None, help="T5 directory, for AR models conditioned on T5 features")
+    flow = p.add_argument_group("flow decoder")
+    flow.add_argument("--steps", type=int, default=25, help="Euler steps")
+    flow.add_argument("--guidance", type=float, default=25.0, help="guidance scale (1 = off); official video setting 25")
+    flow.add_argument("--apg", action=argparse.BooleanOptionalAction, default=True,
+                      help="adaptive projected guidance (official: on); --no-apg gives plain CFG")
+    gen = p.add_argument_group("AR sampling")
+    gen.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance on the logits (1 = off)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", type=Path, default=Path("out/samples"))
+    return p.parse_args(argv)
+
+
+################################################################################
+# Chunks: long videos as overlapping clips the tokenizer can take
+
+@dataclass(frozen=True)
+class Chunks:
+    latents: int   # latent frames per chunk
+    temporal: int  # video frames per latent frame (the VAE's temporal factor)
+
+    @property
+    def frames(self):
+        return (self.latents - 1) * self.temporal + 1
+
+    @property
+    def stride(self):
+        return self.frames - 1  # consecutive chunks share one frame
+
+    def check(self, frames):
+        """Refuse a frame count the chunking cannot cover exactly; returns the number of chunks."""
+        if frames < 1 or (frames - 1) % max(self.stride, 1) or (self.stride == 0 and frames != 1):
+            raise ValueError(f"--frames must be 1 + {self.stride}n (chunks of {self.frames} frames overlapping by one, "
+                             f"e.g. {self.frames} or {4 * self.stride + 1}); got {frames}")
+        return max(1, (frames - 1) // max(self.stride, 1))
+
+    def latent_frames(self, frames):
+        return (frames - 1) // self.temporal + 1
+
+
+def tokenize_long(tok, vae, video, chunks):
+    """Video (B, 3, 1 + stride * n, H, W) -> ids (B, 1 + (latents - 1) * n, K), chunk by chunk."""
+    parts = []
+    for i in tqdm(range(chunks.check(video.shape[2])), desc="tokenizing chunks", leave=False):
+        ids = tok.tokenize(video[:, :, i * chunks.stride:i * chunks.stride + chunks.frames], vae)
+        # A later chunk's first latent encodes the overlap frame alone; the previous chunk covered it.
+        parts.append(ids if i == 0 else ids[:, 1:])
+    return torch.cat(parts, 1)
+
+
+def decode_long(tok, vae, ids, chunks, **decode_kwargs):
+    """Ids (B, L, k) -> video (B, 3, frames, H, W), each chunk conditioned on the last decoded frame."""
+    k, n = ids.shape[2], chunks.latents - 1
+    starts = list(range(chunks.latents, ids.shape[1], n))
+    with flow_progress(tok, (1 + len(starts)) * decode_kwargs.get("steps", 25)):
+        videos = [tok.detokenize(ids[:, :chunks.latents], vae, **decode_kwargs)]
+        for start in tqdm(starts, desc="decoding chunks", leave=False):
+            # Decoded values may stray slightly outside [-1, 1], which the VAE refuses.
+            prefix = vae.encode(videos[-1][:, :, -1:].clamp(-1, 1))
+            chunk = torch.cat([tok.encode(prefix)[..., :k], ids[:, start:start + n]], 1)
+            videos.append(tok.detokenize(chunk, vae, prefix_latents=prefix, **decode_kwargs)[:, :, 1:])
+    return torch.cat(videos, 2)
+
+
+@contextmanager
+def flow_progress(tok, total):
+    """A progress bar over Euler steps: every step is one decoder forward pass (CFG halves share one)."""
+    bar = tqdm(total=total, desc="flow steps", leave=False)
+    def count(*_):  # returns None: a forward hook's return value would replace the output
+        bar.update(1)
+
+    hook = tok.decoder.register_forward_hook(count)
+    try:
+        yield bar
+    finally:
+        hook.remove()
+        bar.close()
+
+
+def generate_ids(ar, condition, n_chunks, latents, k, sampling):
+    """AR ids (B, 1 + (latents - 1) * (n_chunks - 1), k): each chunk sampled independently (see the
+    module docstring), its first latent frame dropped after the first chunk."""
+    parts = []
+    with tqdm(total=n_chunks * latents * k, desc="AR tokens", leave=False) as bar:
+        for i in range(n_chunks):
+            for seq in ar.stream(**condition, frames=latents, tokens_per_frame=k, **sampling):
+                bar.update(1)
+            ids = from_sequence(seq, latents)
+            parts.append(ids if i == 0 else ids[:, 1:])
+    return torch.cat(parts, 1)
+
+
+################################################################################
+# Loading, and the condition
+
+def load_ar(path, device):
+    """A train_ar.py checkpoint -> (ARModel in eval mode with its EMA weights when present, the raw state)."""
+    state = torch_load(path)
+    if not isinstance(state, dict) or not {"config", "model"} <= set(state):
+        raise ValueError(f"{path} is not a train_ar.py checkpoint (it has no 'config' and 'model')")
+    try:
+        model = ARModel(ARConfig(**state["config"]))
+        model.load_state_dict(state.get("ema") or state["model"])
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"{path}: weights do not fit its own config ({str(err).splitlines()[0]})") from err
+    return model.to(device).eval(), state
+
+
+def class_names(path, state):
+    """Class names of an AR checkpoint: its own 'classes' entry, else the token cache's list that
+    train_ar.py's run directory points to (config.json -> cache/meta.json); None when neither exists."""
+    if state.get("classes"):
+        return list(state["classes"])
+    try:
+        cache = Path(json.loads((Path(path).parent / "config.json").read_text())["cache"])
+        return json.loads((cache / "meta.json").read_text())["settings"]["classes"] or None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def class_id(value, names, n):
+    """--class NAME_OR_ID -> an id in [0, n)."""
+    if names and value in names:
+        return names.index(value)
+    if re.fullmatch(r"\d+", value) and int(value) < n:
+        return int(value)
+    known = ", ".join(f"{i}: {name}" for i, name in enumerate(names)) if names else \
+        "none stored with the checkpoint, so give an id"
+    raise ValueError(f"unknown class {value!r}; this model has {n} classes (ids 0..{n - 1}; names: {known})")
+
+
+def condition(ar, args, names, device):
+    """-> (keyword arguments of ARModel.stream, one name per video for the file names)."""
+    cfg, n = ar.cfg, args.num_samples
+    wants_class, wants_text = cfg.num_classes > 0, cfg.text != "none"
+    if args.prompt and not wants_text:
+        raise ValueError(f"--prompt given, but this AR model is class-conditional ({cfg.num_classes} classes): use --class")
+    if args.classes and not wants_class:
+        raise ValueError("--class given, but this AR model has no class conditioning: use --prompt" if wants_text else
+                         "--class given, but this AR model is unconditional: leave out --class and --prompt")
+    if wants_class and not args.classes:
+        raise ValueError(f"this AR model is class-conditional: give --class (ids 0..{cfg.num_classes - 1}"
+                         + (f"; names: {', '.join(names)})" if names else ")"))
+    if wants_text and not args.prompt:
+        raise ValueError("this AR model is text-conditional: give --prompt TEXT")
+    if wants_class and wants_text and len(args.classes) != len(args.prompt):
+        raise ValueError("this model takes a class and a prompt together: give as many --class as --prompt")
+    kwargs, labels = {}, []
+    if wants_class:
+        ids = [class_id(c, names, cfg.num_classes) for c in args.classes]
+        kwargs["cls"] = torch.tensor(ids, device=device).repeat_interleave(n)
+        labels = [names[i] if names else f"class{i}" for i in ids]
+    if wants_text:
+        prompts = [p for p in args.prompt for _ in range(n)]
+        t5 = None
+        if cfg.text == "t5":
+            if args.t5 is None:
+                raise ValueError("this AR model reads T5 features: pass --t5 DIR (the T5 it was trained with)")
+            from t5 import T5Encoder
+            t5 = T5Encoder.from_pretrained(args.t5, device=device)
+        kwargs["text"], kwargs["text_mask"] = ar.encode_text(prompts, t5)
+        labels = args.prompt
+    if not kwargs:
+        return {"batch": n}, ["sample"] * n
+    return kwargs, [label for label in labels for _ in range(n)]
+
+
+################################################################################
+# Output: a temporary folder, moved into place at the end
+
+class Output:
+    """Files are written into a hidden folder inside `out` and moved into `out` only on success;
+    on failure that folder, and any folder this run created, are removed."""
+
+    def __init__(self, out):
+        self.out = out
+        self.created = [d for d in [out, *out.parents] if not d.exists()]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))  # also the writability check
+        except OSError as err:
+            self._remove_created()
+            raise ValueError(f"cannot write to --out {out}: {err.strerror or err}") from err
+        self.files = []
+
+    def path(self, name):
+        self.files.append(name)
+        return self.tmp / name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            for name in self.files:
+                os.replace(self.tmp / name, self.out / name)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if kind is not None:
+            self._remove_created()
+
+    def _remove_created(self):
+        for d in self.created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+    @property
+    def written(self):
+        return [self.out / name for name in self.files]
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "sample"
+
+
+def write_videos(output, videos, names, fps):
+    for name, video in zip(names, videos):
+        write_video(output.path(f"{name}.mp4"), to_uint8(video), fps=fps)
+
+
+def write_sheet(output, name, videos):
+    """One row per video, SHEET_COLUMNS evenly spaced frames per row."""
+    T = videos[0].shape[1]
+    columns = torch.linspace(0, T - 1, min(T, SHEET_COLUMNS)).round().long().unique()
+    write_png_grid(output.path(name), np.stack([to_uint8(v[:, columns]) for v in videos]))
+
+
+################################################################################
+# The two modes
+
+def prepare_sampling(args, ar, state, tok, vae, device):
+    """Check everything about a text- or class-to-video request before any output is written."""
+    ar.check_tokenizer(tok)
+    k = check_budget(args.tokens_per_frame, ar.cfg.tokens_per_frame)
+    chunks = Chunks(ar.cfg.max_frames, vae.temporal_factor)  # the AR model's clip length sets the chunk
+    n_chunks = chunks.check(args.frames)
+    kwargs, labels = condition(ar, args, class_names(args.ar_ckpt, state), device)
+    return dict(k=k, chunks=chunks, n_chunks=n_chunks, condition=kwargs, labels=labels)
+
+
+def sample(args, ar, tok, vae, device, output, k, chunks, n_chunks, condition, labels):
+    gen = torch.Generator(device).manual_seed(args.seed)
+    cfg = args.cfg if args.cfg != 1 and "batch" not in condition else None
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=cfg, generator=gen)
+    ids = generate_ids(ar, condition, n_chunks, min(chunks.latents, chunks.latent_frames(args.frames)), k, sampling)
+    videos = decode_long(tok, vae, ids, chunks, **decode_settings(args, vae, gen))
+    names = [f"sample-{i:02d}-{slug(label)}" for i, label in enumerate(labels)]
+    write_videos(output, videos, names, args.fps)
+    write_sheet(output, "samples.png", videos)
+    torch.save(ids.cpu(), output.path("tokens.pt"))
+    print(f"{len(videos)} videos of {videos.shape[2]} frames at {videos.shape[-1]}x{videos.shape[-2]}, "
+          f"{ids.shape[1]} latent frames x {k} tokens = {ids.shape[1] * k} tokens each")
+
+
+def reconstruct(args, tok, vae, output, video):
+    chunks = Chunks(tok.cfg.max_frames, vae.temporal_factor)
+    ids = tokenize_long(tok, vae, video, chunks)
+    gen = torch.Generator(video.device).manual_seed(args.seed)
+    K = tok.cfg.registers
+    budgets = [2 ** i for i in range(K.bit_length()) if 2 ** i < K] + [K]
+    rows, results = [], {}
+    for k in tqdm(budgets, desc="token budgets"):
+        recon = decode_long(tok, vae, ids[..., :k], chunks, **decode_settings(args, vae, gen))
+        results[k] = psnr(recon, video)
+        rows.append(recon[0])
+    write_videos(output, rows + [video[0]], [f"recon-k{k:03d}" for k in budgets] + ["input"], args.fps)
+    write_sheet(output, "reconstruct.png", rows + [video[0]])
+    torch.save(ids.cpu(), output.path("tokens.pt"))
+    output.path("psnr.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    print(f"{args.reconstruct}: {args.frames} frames, {ids.shape[1]} latent frames x {K} tokens")
+    print("tokens/frame  PSNR (dB)")
+    for k, value in results.items():
+        print(f"{k:12d}  {value:.2f}")
+
+
+def read_clip(path, frames, fps, size):
+    """The first `frames` frames at `fps` of a video file, resized and centre-cropped -> (1, 3, T, S, S) in [-1, 1]."""
+    try:
+        if not start_frames(probe(path), frames, fps):
+            raise BadVideo(f"too short for {frames} frames at {fps} fps")
+        clip = load_clip(path, 0.0, frames, fps, size)
+    except BadVideo as err:
+        raise ValueError(f"cannot read --reconstruct {path}: {err}") from err
+    return torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0)
+
+
+def check_budget(k, K):
+    k = min(32, K) if k is None else k
+    if not 1 <= k <= K:
+        raise ValueError(f"--tokens-per-frame must be in [1, {K}] (the model's tokens per frame); got {k}")
+    return k
+
+
+def image_size(args, tok, vae):
+    """--size in pixels, checked against the tokenizer's patch size and trained grid."""
+    f, p, most = vae.spatial_factor, tok.cfg.patch_size, tok.cfg.latent_size
+    size = args.size or most * f
+    if size % (f * p) or not 0 < size // f <= most:
+        raise ValueError(f"--size must be a multiple of {f * p} (VAE factor {f} x patch {p}) and at most {most * f}; got {size}")
+    return size
+
+
+def decode_settings(args, vae, gen):
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1; got {args.steps}")
+    latent = args.size // vae.spatial_factor if args.size else None
+    return dict(steps=args.steps, guidance=args.guidance, apg=APG() if args.apg else None, generator=gen,
+                size=(latent, latent) if latent else None)
+
+
+def run(args):
+    if bool(args.reconstruct) == bool(args.ar_ckpt):
+        raise ValueError("give --ar-ckpt (text- or class-to-video) or --reconstruct VIDEO with --tok-ckpt, not both")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1; got {args.num_samples}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ar, state = load_ar(args.ar_ckpt, device) if args.ar_ckpt else (None, {})
+    tok_ckpt = args.tok_ckpt or state.get("tok_ckpt")
+    if tok_ckpt is None:
+        raise ValueError("give --tok-ckpt (a train_tok.py checkpoint)")
+    tok = load_tokenizer(tok_ckpt, device)
+    vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
+    tok._check_vae(vae)
+    size = image_size(args, tok, vae)
+    decode_settings(args, vae, None)  # checks --steps before anything runs
+    if ar is not None:
+        plan = prepare_sampling(args, ar, state, tok, vae, device)
+    else:
+        Chunks(tok.cfg.max_frames, vae.temporal_factor).check(args.frames)
+        video = read_clip(args.reconstruct, args.frames, args.fps, size).to(device)
+    with Output(args.out) as output:
+        if ar is not None:
+            sample(args, ar, tok, vae, device, output, **plan)
+        else:
+            reconstruct(args, tok, vae, output, video)
+    print(f"wrote {len(output.files)} files to {args.out}:")
+    for path in output.written:
+        print(f"  {path}")
+    return output.written
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, BadVideo) as err:
+        raise SystemExit(f"sample.py: error: {err}") from err
+
+
+if __name__ == "__main__":
+    main()
