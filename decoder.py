@@ -30,6 +30,11 @@ from transformer import (AxialPositionEmbedding, Layout, TimestepEmbedder, Trans
                          modulate, patchify, unpatchify, zero_linear)
 
 
+def token_budgets(K):
+    """The paper's token budgets per frame: 1, 2, 4, ... up to K, with K itself always included."""
+    return sorted({2 ** i for i in range(K.bit_length()) if 2 ** i <= K} | {K})
+
+
 def sample_keep_k(batch, K, mode, device="cpu"):
     """Nested dropout: how many registers per frame each clip keeps, k in [1, K], one k per clip.
 
@@ -39,8 +44,7 @@ def sample_keep_k(batch, K, mode, device="cpu"):
     if mode == "uniform":
         return torch.randint(1, K + 1, (batch,), device=device)
     if mode == "pow2":
-        choices = sorted({2 ** i for i in range(K.bit_length()) if 2 ** i <= K} | {K})
-        choices = torch.tensor(choices, device=device)
+        choices = torch.tensor(token_budgets(K), device=device)
         return choices[torch.randint(len(choices), (batch,), device=device)]
     raise ValueError(f"nested dropout mode must be 'pow2' or 'uniform'; got {mode!r}")
 

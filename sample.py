@@ -53,7 +53,7 @@ from tqdm import tqdm
 from ar import ARConfig, ARModel, from_sequence
 from checkpoint import torch_load
 from data import BadVideo, load_clip, probe, start_frames, to_uint8, write_png_grid, write_video
-from decoder import APG
+from decoder import APG, token_budgets
 from train_ar import load_tokenizer
 from train_tok import psnr
 from vae import load_vae
@@ -344,7 +344,7 @@ def reconstruct(args, tok, vae, output, video):
     ids = tokenize_long(tok, vae, video, chunks)
     gen = torch.Generator(video.device).manual_seed(args.seed)
     K = tok.cfg.registers
-    budgets = [2 ** i for i in range(K.bit_length()) if 2 ** i < K] + [K]
+    budgets = token_budgets(K)
     rows, results = [], {}
     for k in tqdm(budgets, desc="token budgets"):
         recon = decode_long(tok, vae, ids[..., :k], chunks, **decode_settings(args, vae, gen))

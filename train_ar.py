@@ -274,7 +274,8 @@ def train(args, rank, world, device):
         if step % args.ckpt_every == 0 or step == args.steps:
             state = training_state(model, ema, opt, dataclasses.asdict(cfg), progress, world, device)
             if master:
-                save_checkpoint(args.run_dir / f"ckpt-{step:07d}.pt", state | {"tok_ckpt": meta["settings"]["tok_ckpt"]})
+                save_checkpoint(args.run_dir / f"ckpt-{step:07d}.pt",
+                                state | {"tok_ckpt": meta["settings"]["tok_ckpt"], "classes": meta["settings"]["classes"]})
     bar.close()
     log.close(model, progress.step, world)
 

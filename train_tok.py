@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
+from decoder import token_budgets
 from dino import load_dinov2, repa_targets
 from tokenizer import TokenizerConfig, VideoFlexTok
 from trainer import (Progress, RunLog, barrier, batches, build_shards, lr_at, make_ema, make_optimizer,
@@ -157,7 +158,7 @@ def psnr(a, b):
 def validate(model, vae, clips, cfg, args, step, out_dir):
     """Log PSNR per token budget; write a PNG sheet (rows = budgets then the input, columns = frames)
     and one mp4 per budget for the first clip."""
-    budgets = [2 ** i for i in range(cfg.registers.bit_length()) if 2 ** i < cfg.registers] + [cfg.registers]
+    budgets = token_budgets(cfg.registers)
     latents = vae.encode(clips)
     ids = model.encode(latents)
     gen = torch.Generator(clips.device).manual_seed(args.seed)

@@ -99,3 +99,10 @@ def test_torchrun_two_processes_keep_identical_weights(cache, tmp_path):
     final = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "final" in line]
     sums = final[0]["rank_weight_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
+
+
+def test_checkpoints_carry_the_class_names(cache, tmp_path):
+    train(cache, tmp_path, "--steps", "1", "--sample-every", "0")
+    state = torch.load(tmp_path / "ckpt-0000001.pt", weights_only=True)
+    assert state["classes"] == json.loads((cache / "cache" / "meta.json").read_text())["settings"]["classes"]
+    assert len(state["classes"]) == 8 and "red_circle_left" in state["classes"]
