@@ -1,0 +1,392 @@
+"""Evaluation: reconstruction PSNR per token budget, rFVD and gFVD, and a class-adherence score on the
+synthetic moving-shapes data.
+
+Paper: §4.1 ("Evaluation metrics": rFVD, gFVD and a classification score for generated videos), §4.2-4.3
+(reconstruction and generation from a variable number of tokens per frame).
+
+    python eval.py adherence samples/                      # sample-NN-<class or prompt>.mp4 written by sample.py
+    python eval.py recon --tok-ckpt runs/tok/ckpt-0002000.pt --data out/synthetic --num 32 [--i3d-ckpt I3D]
+    python eval.py gfvd --real out/synthetic --fake samples/ --i3d-ckpt i3d_pretrained_400.pt
+
+Adherence. The paper scores generated Kinetics videos with a video classifier. On the synthetic data a
+hand-written detector does that job without training anything: every video is one saturated shape on a
+grey background (data.render_shapes), so
+- the background is a linear colour gradient: fitted by least squares on the pixels near the frame's median
+  colour (the shape covers well under half of a frame), refined once without the pixels far from that fit;
+- a pixel's coverage alpha in [0, 1] is the projection of (pixel - background) onto (shape colour -
+  background), the shape colour being the mean of the pixels farthest from the background; the colour is the
+  nearest of data.COLORS to it;
+- motion is the sign of the dominant axis of the alpha-weighted centroid's displacement between the first and
+  the last frame where the shape is visible;
+- shape is the fill ratio area / (tallest column x widest row), with area, column and row the sums of alpha:
+  1 for a square, pi/4 = 0.79 for a circle and 1/2 for an apex-up triangle. Sums of coverage keep their value
+  through anti-aliasing, area resizing and compression, where a bounding box of thresholded pixels is off by
+  a pixel, a fifth of the shape's width at 32 px.
+Its own accuracy on real synthetic videos is measured in tests/test_eval.py (see `measure` below).
+
+FVD needs the Kinetics-400 I3D weights (`--i3d-ckpt i3d_pretrained_400.pt`, see fvd.py); clips need >= 9 frames.
+
+References: Unterthiner et al. 2018 (FVD, via fvd.py).
+"""
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import COLORS, MOTIONS, SHAPES, BadVideo, VideoFolder, probe, read_video, synthetic_data
+from decoder import token_budgets
+
+# Detector constants, set from measurements on data.make_synthetic videos (32 and 64 px, see `measure`).
+FG_DISTANCE = 40.0        # RGB distance from the background fit that surely is shape: the grey's gradient and
+                          # H.264 noise stay under ~25, a 50%-covered pixel of the dullest colour is ~60 away
+MIN_AREA = 2.0            # alpha-summed pixels below which a frame has no visible shape
+MIN_TRAVEL = 1.0          # pixels of centroid displacement below which there is no motion
+CIRCLE_SQUARE = 0.92      # fill-ratio boundary: square ~1, circle ~0.79
+TRIANGLE_SKEW = -0.17      # vertical skewness below which the shape is an apex-up triangle
+PROMPT = re.compile(r"\b(" + "|".join(COLORS) + r")\b\W+(" + "|".join(SHAPES) + r")\b\W+(?:moving\W+)?("
+                    + "|".join(MOTIONS) + r")\b", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The detector
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _pixels(video) -> np.ndarray:
+    """Float video (3, T, H, W) in [-1, 1] or uint8 (T, H, W, 3) -> float64 (T, H, W, 3) in [0, 255]."""
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu()
+        if video.dtype != torch.uint8:
+            if video.dim() != 4 or video.shape[0] != 3:
+                raise ValueError(f"a float video must be (3, T, H, W) in [-1, 1]; got {tuple(video.shape)}")
+            return (video.double().clamp(-1, 1).permute(1, 2, 3, 0).numpy() + 1) * 127.5
+        video = video.numpy()
+    video = np.asarray(video)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"video must be float (3, T, H, W) in [-1, 1] or uint8 (T, H, W, 3); "
+                         f"got {video.dtype} {tuple(video.shape)}")
+    return video.astype(np.float64)
+
+
+def _background(frames: np.ndarray) -> np.ndarray:
+    """Per-frame linear colour gradient a + b x + c y fitted to the non-shape pixels -> (T, H, W, 3)."""
+    t, h, w, _ = frames.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    design = np.stack([np.ones(h * w), xs.ravel() / w - 0.5, ys.ravel() / h - 0.5], 1)   # (HW, 3)
+    out = np.empty_like(frames)
+    for i, frame in enumerate(frames.reshape(t, h * w, 3)):
+        fit = np.broadcast_to(np.median(frame, 0), frame.shape)
+        for _ in range(2):   # median first (robust to the shape), then the gradient on what is left
+            keep = np.linalg.norm(frame - fit, axis=1) < FG_DISTANCE / 2
+            if keep.sum() < 3:
+                break
+            coef = np.linalg.lstsq(design[keep], frame[keep], rcond=None)[0]
+            fit = design @ coef
+        out[i] = fit.reshape(h, w, 3)
+    return out
+
+
+def _coverage(frames: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """-> (alpha (T, H, W) in [0, 1], shape colour RGB), or (None, None) when nothing is far from grey."""
+    diff = frames - _background(frames)
+    dist = np.linalg.norm(diff, axis=-1)
+    sure = dist > FG_DISTANCE
+    if sure.sum() < MIN_AREA:
+        return None, None
+    # The shape's own colour: the core pixels, those at least 3/4 as far from the background as the farthest.
+    core = dist >= 0.75 * np.percentile(dist[sure], 95)
+    colour = frames[core].mean(0)
+    direction = diff[core].mean(0)
+    alpha = np.clip(diff @ direction / (direction @ direction), 0, 1)
+    alpha[alpha < 0.1] = 0   # background noise, summed over thousands of pixels, would swamp the shape's area
+    return alpha, colour
+
+
+def _shape_measures(alpha: np.ndarray) -> tuple[float, float]:
+    """(fill ratio, vertical skewness) of one frame's coverage alpha (H, W), within 2 px of the sure shape.
+
+    Fill ratio: area / (tallest column x widest row), all sums of coverage. Skewness of the rows' coverage
+    mass: an apex-up triangle's mass sits low (-0.57 for a sharp one), a circle's or a square's is symmetric (0);
+    a symmetric blur (resizing, chroma subsampling) leaves the third central moment as it is."""
+    ys, xs = np.nonzero(alpha > 0.5)
+    if len(ys) == 0:
+        return float("nan"), float("nan")
+    window = alpha[max(ys.min() - 2, 0):ys.max() + 3, max(xs.min() - 2, 0):xs.max() + 3]
+    rows = window.sum(1)
+    area = rows.sum()
+    fill = area / max(rows.max() * window.sum(0).max(), 1e-9)
+    y = np.arange(len(rows))
+    mean = (rows * y).sum() / area
+    var = (rows * (y - mean) ** 2).sum() / area
+    skew = (rows * (y - mean) ** 3).sum() / area / max(var, 1e-9) ** 1.5
+    return float(fill), float(skew)
+
+
+def detect(video) -> tuple[str | None, str | None, str | None]:
+    """(color, shape, motion) of a synthetic-style video: float (3, T, H, W) in [-1, 1] or uint8 (T, H, W, 3).
+
+    Each part is None when it cannot be read: no foreground at all, the shape visible in fewer than two frames
+    (motion), or a centroid that moves less than MIN_TRAVEL pixels (motion)."""
+    frames = _pixels(video)
+    alpha, colour = _coverage(frames)
+    if alpha is None:
+        return None, None, None
+    color = min(COLORS, key=lambda c: np.linalg.norm(colour - np.array(COLORS[c])))
+    area = alpha.sum((1, 2))
+    visible = np.flatnonzero(area >= MIN_AREA)
+    _, h, w = alpha.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    shape = _classify_shape(shape_measures(alpha, visible))
+    motion = None
+    if len(visible) >= 2:
+        first, last = visible[0], visible[-1]
+        centre = lambda t: np.array([(alpha[t] * xs).sum(), (alpha[t] * ys).sum()]) / area[t]   # noqa: E731
+        dx, dy = centre(last) - centre(first)
+        if max(abs(dx), abs(dy)) >= MIN_TRAVEL:
+            motion = ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+    return color, shape, motion
+
+
+def shape_measures(alpha: np.ndarray, visible: np.ndarray) -> tuple[float, float] | None:
+    """Mean (fill ratio, vertical skewness) over the visible frames whose shape does not touch the border (a cut
+    shape measures differently), or over all visible frames if it always does; None if no frame is visible."""
+    sure = alpha > 0.5
+    inside = [t for t in visible if not (sure[t, 0].any() or sure[t, -1].any() or sure[t, :, 0].any()
+                                         or sure[t, :, -1].any())] or list(visible)
+    measures = np.array([_shape_measures(alpha[t]) for t in inside]).reshape(-1, 2)
+    measures = measures[~np.isnan(measures).any(1)]
+    return tuple(measures.mean(0)) if len(measures) else None
+
+
+def _classify_shape(measures) -> str | None:
+    if measures is None:
+        return None
+    fill, skew = measures
+    return "triangle" if skew < TRIANGLE_SKEW else "square" if fill > CIRCLE_SQUARE else "circle"
+
+
+def measure(video) -> tuple[float, float] | None:
+    """The (fill ratio, skewness) `detect` classifies the shape by, None without foreground; for calibration."""
+    alpha, _ = _coverage(_pixels(video))
+    return None if alpha is None else shape_measures(alpha, np.flatnonzero(alpha.sum((1, 2)) >= MIN_AREA))
+
+
+def class_name(color, shape, motion) -> str:
+    """The synthetic data's class folder name, e.g. red_circle_left."""
+    return f"{color}_{shape}_{motion}"
+
+
+def class_from_prompt(text: str) -> str | None:
+    """'a red circle moving left' (or a slug of it, or a class name) -> 'red_circle_left'; None if no class."""
+    match = PROMPT.search(text.replace("_", " "))
+    return class_name(*(g.lower() for g in match.groups())) if match else None
+
+
+def adherence(videos, requested) -> dict:
+    """Fraction of videos whose detected color, shape, motion and full class match the requested class names.
+
+    videos: iterable of videos `detect` takes; requested: class names like red_circle_left, one per video."""
+    videos, requested = list(videos), list(requested)
+    if len(videos) != len(requested) or not videos:
+        raise ValueError(f"need one requested class per video and at least one video; got {len(videos)} videos "
+                         f"and {len(requested)} classes")
+    hits = {"color": 0, "shape": 0, "motion": 0, "class": 0}
+    for video, name in zip(videos, requested):
+        want = name.split("_")
+        if len(want) != 3:
+            raise ValueError(f"requested class {name!r} is not <color>_<shape>_<motion>")
+        got = detect(video)
+        for key, a, b in zip(("color", "shape", "motion"), got, want):
+            hits[key] += a == b
+        hits["class"] += tuple(got) == tuple(want)
+    return {key: n / len(videos) for key, n in hits.items()} | {"n": len(videos)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reconstruction: PSNR per token budget and rFVD; generation: gFVD
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _batches(videos):
+    """A (N, 3, T, H, W) tensor is one batch; anything else is taken as an iterable of such batches."""
+    return [videos] if isinstance(videos, torch.Tensor) else videos
+
+
+@torch.no_grad()
+def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps: int = 25, generator=None, i3d=None,
+                           batch_size: int = 8) -> dict:
+    """{k: {"psnr": dB, "rfvd": FVD or None}} for reconstructions from the first k tokens of every latent frame.
+
+    videos: (N, 3, T, H, W) in [-1, 1] or an iterable of such batches, encoded once each. budgets: default
+    1, 2, 4, ..., K. PSNR is over the whole set (the mean squared error of every pixel, as train_tok.psnr on one
+    batch); rFVD (real clips against their reconstructions) needs `i3d` (fvd.load_i3d) and >= 9 frames."""
+    from fvd import FeatureStats, frechet_distance_from_stats, video_stats
+    from train_tok import psnr
+
+    budgets = list(budgets or token_budgets(tokenizer.cfg.registers))
+    if not all(1 <= k <= tokenizer.cfg.registers for k in budgets):
+        raise ValueError(f"budgets must lie in [1, {tokenizer.cfg.registers}] (the tokenizer's K); got {budgets}")
+    sq_err = {k: 0.0 for k in budgets}   # summed per-pixel squared error, so batches of any size weigh fairly
+    real, fake = FeatureStats(), {k: FeatureStats() for k in budgets}
+    pixels = 0
+    for batch in _batches(videos):
+        latents = vae.encode(batch)
+        ids = tokenizer.encode(latents)
+        if i3d is not None:
+            video_stats(batch, i3d, batch_size=batch_size, stats=real)
+        for k in budgets:
+            recon = vae.decode(tokenizer.decode(ids[..., :k], steps=steps, generator=generator,
+                                                size=latents.shape[-2:]))
+            # train_tok.psnr gives the batch's mean squared error back as 4 / 10^(PSNR / 10)
+            sq_err[k] += 4 / 10 ** (psnr(recon, batch) / 10) * batch.numel()
+            if i3d is not None:
+                video_stats(recon, i3d, batch_size=batch_size, stats=fake[k])
+        pixels += batch.numel()
+    if not pixels:
+        raise ValueError("no videos to evaluate")
+    return {k: {"psnr": float(10 * np.log10(4 / (sq_err[k] / pixels))),
+                "rfvd": frechet_distance_from_stats(real, fake[k]) if i3d is not None else None} for k in budgets}
+
+
+def psnr_by_budget(tokenizer, vae, videos, budgets=None, steps: int = 25, generator=None) -> dict:
+    """{k: PSNR in dB} of reconstructions from k tokens per latent frame over a set of videos (see above)."""
+    metrics = reconstruction_metrics(tokenizer, vae, videos, budgets, steps, generator)
+    return {k: m["psnr"] for k, m in metrics.items()}
+
+
+def rfvd(tokenizer, vae, videos, k: int, i3d, steps: int = 25, generator=None) -> float:
+    """rFVD of a set of real clips against their reconstructions from k tokens per latent frame."""
+    return reconstruction_metrics(tokenizer, vae, videos, [k], steps, generator, i3d)[k]["rfvd"]
+
+
+def folder_batches(root, frames: int, fps: float, size: int, num: int | None = None, batch_size: int = 8,
+                   eval_start: str = "center", index=None):
+    """Batches (B, 3, frames, size, size) of the fixed evaluation clips of a video folder (data.VideoFolder),
+    the first `num` videos (all by default)."""
+    ds = VideoFolder(root, frames=frames, fps=fps, size=size, train=False, eval_start=eval_start, index=index)
+    n = len(ds) if num is None else min(num, len(ds))
+    for start in range(0, n, batch_size):
+        yield torch.stack([ds[i][0] for i in range(start, min(start + batch_size, n))])
+
+
+def gfvd(real_root, fake_root, i3d, frames: int = 17, fps: float = 4.0, size: int | None = None,
+         num: int | None = None, batch_size: int = 8) -> float:
+    """gFVD of a folder of generated videos (their first `frames` frames) against clips of a real video folder,
+    both at `size` pixels (default: the generated videos' own size)."""
+    from fvd import fvd
+
+    if size is None:
+        first = next(iter(sorted(Path(fake_root).rglob("*.mp4"))), None)
+        if first is None:
+            raise ValueError(f"no mp4 under {fake_root}")
+        size = min(probe(first)["width"], probe(first)["height"])
+    real = folder_batches(real_root, frames, fps, size, num, batch_size)
+    # index=False: no metadata cache file is left in the folder of samples
+    fake = folder_batches(fake_root, frames, fps, size, None, batch_size, eval_start="first", index=False)
+    return fvd(real, fake, i3d, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    adh = commands.add_parser("adherence", help="detected vs requested class of sample.py's videos (synthetic data)")
+    adh.add_argument("dir", type=Path, help="folder of mp4s named like sample-00-red_circle_left.mp4 or "
+                                            "sample-00-a_red_circle_moving_left.mp4 (searched recursively)")
+    rec = commands.add_parser("recon", help="PSNR per token budget and, with --i3d-ckpt, rFVD of reconstructions")
+    rec.add_argument("--tok-ckpt", type=Path, required=True, help="tokenizer checkpoint (train_tok.py)")
+    rec.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data")
+    rec.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"], help="the VAE the tokenizer was trained with")
+    rec.add_argument("--vae-ckpt", type=Path, default=None)
+    rec.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
+    rec.add_argument("--num", type=int, default=32, help="clips evaluated (the first ones of the folder)")
+    rec.add_argument("--steps", type=int, default=25, help="Euler steps of the flow decoder")
+    rec.add_argument("--seed", type=int, default=0)
+    gen = commands.add_parser("gfvd", help="FVD of a folder of generated videos against a real video folder")
+    gen.add_argument("--real", type=Path, required=True, help="real video folder (e.g. the training data)")
+    gen.add_argument("--fake", type=Path, required=True, help="folder of generated mp4s (sample.py --out)")
+    gen.add_argument("--num", type=int, default=None, help="real clips used; default all")
+    gen.add_argument("--size", type=int, default=None, help="side in pixels; default: the generated videos' size")
+    for sub in (rec, gen):
+        sub.add_argument("--i3d-ckpt", type=Path, default=None, help="Kinetics-400 I3D weights, i3d_pretrained_400.pt (see fvd.py)")
+        sub.add_argument("--frames", type=int, default=17)
+        sub.add_argument("--fps", type=float, default=4.0)
+        sub.add_argument("--batch-size", type=int, default=8)
+        sub.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return p.parse_args(argv)
+
+
+def run_adherence(args) -> dict:
+    paths = sorted(args.dir.rglob("*.mp4"))
+    wanted = {p: class_from_prompt(re.sub(r"^sample-\d+-", "", p.stem)) for p in paths}
+    skipped = [p.name for p, name in wanted.items() if name is None]
+    if skipped:
+        print(f"no class in the names of {len(skipped)} files, skipped: {', '.join(skipped[:5])}")
+    wanted = {p: name for p, name in wanted.items() if name is not None}
+    if not wanted:
+        raise ValueError(f"no mp4 under {args.dir} names a class (<color>_<shape>_<motion> or "
+                         "'a <color> <shape> moving <motion>')")
+    videos = [read_video(p)[0] for p in wanted]
+    print(f"{'video':40s} {'requested':22s} detected")
+    for path, name, video in zip(wanted, wanted.values(), videos):
+        print(f"{path.name[:40]:40s} {name:22s} {class_name(*detect(video))}")
+    scores = adherence(videos, list(wanted.values()))
+    print(f"\nadherence over {scores['n']} videos")
+    for key in ("color", "shape", "motion", "class"):
+        print(f"  {key:7s} {100 * scores[key]:5.1f}%")
+    return scores
+
+
+def run_recon(args) -> dict:
+    from fvd import load_i3d
+    from train_ar import load_tokenizer
+    from vae import load_vae
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    i3d = load_i3d(args.i3d_ckpt).to(device) if args.i3d_ckpt is not None else None   # fail before decoding
+    tok = load_tokenizer(args.tok_ckpt, device)
+    vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
+    size = tok.cfg.latent_size * vae.spatial_factor
+    batches = (b.to(device) for b in folder_batches(args.data or synthetic_data(), args.frames, args.fps, size,
+                                                    args.num, args.batch_size))
+    gen = torch.Generator(device).manual_seed(args.seed)
+    metrics = reconstruction_metrics(tok, vae, batches, steps=args.steps, generator=gen, i3d=i3d,
+                                     batch_size=args.batch_size)
+    print("tokens/frame  PSNR (dB)" + ("  rFVD" if i3d is not None else ""))
+    for k, m in metrics.items():
+        print(f"{k:12d}  {m['psnr']:9.2f}" + (f"  {m['rfvd']:.1f}" if i3d is not None else ""))
+    if i3d is None:
+        print("no --i3d-ckpt: rFVD not computed")
+    return metrics
+
+
+def run_gfvd(args) -> float:
+    from fvd import load_i3d
+
+    if args.i3d_ckpt is None:
+        raise ValueError("gfvd needs --i3d-ckpt: the Kinetics-400 I3D weights i3d_pretrained_400.pt "
+                         "(the TF-Hub FVD network in the pytorch-i3d layout; see fvd.py)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    value = gfvd(args.real, args.fake, load_i3d(args.i3d_ckpt).to(device), args.frames, args.fps, args.size,
+                 args.num, args.batch_size)
+    print(f"gFVD {value:.1f}")
+    return value
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return {"adherence": run_adherence, "recon": run_recon, "gfvd": run_gfvd}[args.command](args)
+    except (ValueError, FileNotFoundError, BadVideo) as err:
+        raise SystemExit(f"eval.py: error: {err}") from err
+
+
+if __name__ == "__main__":
+    main()
