@@ -80,14 +80,20 @@ def parse_args(argv=None):
 ################################################################################
 # Setup: processes, models, data
 
-def build_config(args, dino):
-    cfg = TokenizerConfig.preset(args.preset)
+def build_config(args, dino, vae):
+    """The preset, with its register table sized for the training clips: a tokenizer covers the
+    latent frames of one clip (5 for 17 frames through VidTok) and longer videos go in chunks."""
+    latent_frames = (args.frames - 1) // vae.temporal_factor + 1
     if args.init is not None:  # stage 2 keeps the stage-1 architecture
         cfg = TokenizerConfig(**json.loads(json.dumps(torch_load(args.init)["config"])))
-    cfg = dataclasses.replace(cfg, fsq_levels=tuple(cfg.fsq_levels), repa_weight=args.repa_weight,
-                              repa_dim=dino.cfg.dim if dino is not None else 0,
-                              dec_mask="full" if args.stage == 2 else cfg.dec_mask)
-    return cfg
+        if cfg.max_frames != latent_frames:
+            raise SystemExit(f"{args.init} was trained on {cfg.max_frames} latent frames; --frames {args.frames} "
+                             f"gives {latent_frames}: use the stage-1 --frames")
+    else:
+        cfg = TokenizerConfig.preset(args.preset, max_frames=latent_frames)
+    return dataclasses.replace(cfg, fsq_levels=tuple(cfg.fsq_levels), repa_weight=args.repa_weight,
+                               repa_dim=dino.cfg.dim if dino is not None else 0,
+                               dec_mask="full" if args.stage == 2 else cfg.dec_mask)
 
 
 def build_data(args, cfg, vae, rank):
@@ -99,10 +105,6 @@ def build_data(args, cfg, vae, rank):
     if rank != 0:
         root = args.data or synthetic_data()
     size = args.size or cfg.latent_size * vae.spatial_factor
-    latent_frames = (args.frames - 1) // vae.temporal_factor + 1
-    if latent_frames > cfg.max_frames:
-        raise SystemExit(f"--frames {args.frames} gives {latent_frames} latent frames; preset {args.preset} "
-                         f"takes at most {cfg.max_frames}")
     if rank != 0:
         barrier()  # wait for rank 0's scan
     train = VideoFolder(root, frames=args.frames, fps=args.fps, size=size, train=True, seed=args.seed)
@@ -195,7 +197,7 @@ def main(argv=None):
             raise SystemExit("REPA targets align 4 RGB frames with each latent frame: use --vae vidtok with --dino-ckpt")
     elif master:
         print("REPA is off: no --dino-ckpt given (training uses the flow loss only)")
-    cfg = build_config(args, dino)
+    cfg = build_config(args, dino, vae)
     train_set, val_set, size = build_data(args, cfg, vae, rank)
     if args.cache is not None:
         train_set = build_cache(args, train_set, val_set, size, vae, dino, cfg, rank, world, device)

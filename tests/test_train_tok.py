@@ -76,6 +76,10 @@ def test_stage_two_freezes_the_encoder_and_uses_full_attention(videos, tmp_path)
         "--stage", "2", "--init", str(tmp_path / "s1" / "ckpt-0000002.pt"))
     s1, s2 = weights(tmp_path / "s1" / "ckpt-0000002.pt"), weights(tmp_path / "s2" / "ckpt-0000002.pt")
     assert s2["config"]["dec_mask"] == "full"
+    assert s1["config"]["max_frames"] == s2["config"]["max_frames"] == 5  # sized for the 5-frame clips
+    with pytest.raises(SystemExit, match="trained on 5 latent frames; --frames 9 gives 9"):
+        run(videos, tmp_path / "s3", "--steps", "1", "--stage", "2", "--init", str(tmp_path / "s1" / "ckpt-0000002.pt"),
+            "--frames", "9")
     encoder = [k for k in s1["model"] if k.startswith("encoder.")]
     decoder = [k for k in s1["model"] if k.startswith("decoder.")]
     # Stage 2 starts from the stage-1 EMA weights; the encoder then stays where it started.
