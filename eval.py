@@ -346,12 +346,12 @@ def run_adherence(args) -> dict:
 
 def run_recon(args) -> dict:
     from fvd import load_i3d
-    from train_ar import load_tokenizer
+    from tokenizer import VideoFlexTok
     from vae import load_vae
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     i3d = load_i3d(args.i3d_ckpt).to(device) if args.i3d_ckpt is not None else None   # fail before decoding
-    tok = load_tokenizer(args.tok_ckpt, device)
+    tok = VideoFlexTok.from_checkpoint(args.tok_ckpt).to(device)
     vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
     size = tok.cfg.latent_size * vae.spatial_factor
     batches = (b.to(device) for b in folder_batches(args.data or synthetic_data(), args.frames, args.fps, size,

@@ -54,7 +54,7 @@ from ar import ARConfig, ARModel, from_sequence
 from checkpoint import torch_load
 from data import BadVideo, load_clip, probe, start_frames, to_uint8, write_png_grid, write_video
 from decoder import APG, token_budgets
-from train_ar import load_tokenizer
+from tokenizer import VideoFlexTok
 from train_tok import psnr
 from vae import load_vae
 
@@ -405,9 +405,9 @@ def run(args):
     tok_ckpt = args.tok_ckpt or state.get("tok_ckpt")
     if tok_ckpt is None:
         raise ValueError("give --tok-ckpt (a train_tok.py checkpoint)")
-    tok = load_tokenizer(tok_ckpt, device)
+    tok = VideoFlexTok.from_checkpoint(tok_ckpt).to(device)
     vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
-    tok._check_vae(vae)
+    tok.check_vae(vae)
     size = image_size(args, tok, vae)
     decode_settings(args, vae, None)  # checks --steps before anything runs
     if ar is not None:

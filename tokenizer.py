@@ -27,6 +27,7 @@ import torch.nn as nn
 from decoder import Decoder
 from encoder import Encoder
 from fsq import LEVELS
+from checkpoint import check_state_dict, torch_load
 from transformer import Transformer
 
 
@@ -63,6 +64,11 @@ class TokenizerConfig:
         return self.latent_size // self.patch_size
 
     @classmethod
+    def from_dict(cls, fields):
+        """The inverse of dataclasses.asdict, as stored in checkpoints (JSON turns tuples into lists)."""
+        return cls(**{**fields, "fsq_levels": tuple(fields["fsq_levels"])})
+
+    @classmethod
     def preset(cls, name, **overrides):
         presets = {
             "tiny": dict(enc_depth=2, dec_depth=2, latent_channels=3, latent_size=32, patch_size=4,
@@ -82,6 +88,33 @@ class VideoFlexTok(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """A train_tok.py checkpoint -> its tokenizer with the EMA weights (when it has them), in eval
+        mode and frozen."""
+        state = torch_load(path)
+        if not isinstance(state, dict) or not {"config", "model", "ema"} <= set(state):
+            raise ValueError(f"{path} is not a train_tok.py checkpoint (it needs 'config', 'model' and 'ema')")
+        model = cls(TokenizerConfig.from_dict(state["config"]))
+        model.load_checkpoint_weights(state, path)
+        return model.eval().requires_grad_(False)
+
+    def load_checkpoint_weights(self, state, source):
+        """Load a train_tok.py checkpoint's weights (its EMA when it has one) into this tokenizer.
+
+        The REPA head is the one part allowed to differ: it only serves training, so a checkpoint
+        trained with REPA loads into a model without it (inference, stage 2 without DINOv2) and a
+        checkpoint without it into a model that has one (its head then starts afresh).
+        """
+        head = "decoder.repa_head."
+        weights = state["ema"] or state["model"]
+        ours = {k: v for k, v in self.state_dict().items() if k.startswith(head)}
+        theirs = {k: v for k, v in weights.items() if k.startswith(head)}
+        if {k: v.shape for k, v in theirs.items()} != {k: v.shape for k, v in ours.items()}:
+            weights = {k: v for k, v in weights.items() if not k.startswith(head)} | ours
+        check_state_dict(self, weights, source, "Use a checkpoint trained with this tokenizer's preset and settings.")
+        self.load_state_dict(weights)
 
     @property
     def codebook_size(self):
@@ -133,12 +166,12 @@ class VideoFlexTok(nn.Module):
     def tokenize(self, video, vae):
         """Video (B, 3, T, H, W) in [-1, 1] -> ids, through a frozen VAE (`vae.VidTokVAE`, `vae.PixelVAE`,
         or anything with `encode(video) -> latents`)."""
-        self._check_vae(vae)
+        self.check_vae(vae)
         return self.encode(vae.encode(video))
 
     def detokenize(self, ids, vae, **decode_kwargs):
         """Ids -> video, through the flow decoder and then `vae.decode(latents)`."""
-        self._check_vae(vae)
+        self.check_vae(vae)
         return vae.decode(self.decode(ids, **decode_kwargs))
 
     ############################################################################
@@ -150,7 +183,8 @@ class VideoFlexTok(nn.Module):
             raise ValueError(f"{name} (latent h, w) must be multiples of the patch size {p} and at most "
                              f"{g * p}; got {tuple(size)}")
 
-    def _check_vae(self, vae):
+    def check_vae(self, vae):
+        """Refuse a VAE whose latents this tokenizer was not built for."""
         channels = getattr(vae, "latent_channels", self.cfg.latent_channels)
         if channels != self.cfg.latent_channels:
             raise ValueError(f"the VAE makes {channels}-channel latents but this tokenizer was built for "

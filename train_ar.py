@@ -35,9 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ar import ARConfig, ARModel
-from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_video
-from tokenizer import TokenizerConfig, VideoFlexTok
+from tokenizer import VideoFlexTok
 from trainer import (Progress, RunLog, Shards, batches, build_shards, lr_at, make_ema, make_optimizer,
                      optimizer_step, mean_over_ranks, resume, save_checkpoint, setup_distributed, training_state,
                      update_ema, weight_checksum)
@@ -88,27 +87,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_tokenizer(path, device):
-    """A train_tok.py checkpoint -> VideoFlexTok (EMA weights when present), frozen."""
-    state = torch_load(path)
-    if not {"config", "model"} <= set(state):
-        raise SystemExit(f"{path} is not a train_tok.py checkpoint (it has no 'config' and 'model')")
-    cfg = TokenizerConfig(**{**state["config"], "fsq_levels": tuple(state["config"]["fsq_levels"])})
-    model = VideoFlexTok(cfg)
-    weights = state["ema"] or state["model"]
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(not k.startswith("decoder.repa_head.") for k in missing):
-        raise SystemExit(f"{path}: weights do not fit its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(device).eval().requires_grad_(False)
-
-
 ################################################################################
 # Step 1: tokenize a video folder once
 
 def tokenize(args, rank, world, device):
     if args.tok_ckpt is None:
         raise SystemExit("--tokenize needs --tok-ckpt (a train_tok.py checkpoint)")
-    tok = load_tokenizer(args.tok_ckpt, device)
+    tok = VideoFlexTok.from_checkpoint(args.tok_ckpt).to(device)
     vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
     root = args.data or synthetic_data()
     size = args.size or tok.cfg.latent_size * vae.spatial_factor
@@ -232,7 +217,7 @@ def train(args, rank, world, device):
 
     tok = vae = None
     if master and args.sample_every:
-        tok = load_tokenizer(Path(meta["settings"]["tok_ckpt"]), device)
+        tok = VideoFlexTok.from_checkpoint(meta["settings"]["tok_ckpt"]).to(device)
         model.check_tokenizer(tok)
         vae = load_vae(meta["settings"]["vae"], None if meta["settings"]["vae_ckpt"] == "None" else meta["settings"]["vae_ckpt"],
                        device=device)

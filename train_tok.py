@@ -80,18 +80,18 @@ def parse_args(argv=None):
 ################################################################################
 # Setup: processes, models, data
 
-def build_config(args, dino, vae):
+def build_config(args, dino, vae, init):
     """The preset, with its register table sized for the training clips: a tokenizer covers the
     latent frames of one clip (5 for 17 frames through VidTok) and longer videos go in chunks."""
     latent_frames = (args.frames - 1) // vae.temporal_factor + 1
-    if args.init is not None:  # stage 2 keeps the stage-1 architecture
-        cfg = TokenizerConfig(**json.loads(json.dumps(torch_load(args.init)["config"])))
+    if init is not None:  # stage 2 keeps the stage-1 architecture
+        cfg = TokenizerConfig.from_dict(init["config"])
         if cfg.max_frames != latent_frames:
             raise SystemExit(f"{args.init} was trained on {cfg.max_frames} latent frames; --frames {args.frames} "
                              f"gives {latent_frames}: use the stage-1 --frames")
     else:
         cfg = TokenizerConfig.preset(args.preset, max_frames=latent_frames)
-    return dataclasses.replace(cfg, fsq_levels=tuple(cfg.fsq_levels), repa_weight=args.repa_weight,
+    return dataclasses.replace(cfg, repa_weight=args.repa_weight,
                                repa_dim=dino.cfg.dim if dino is not None else 0,
                                dec_mask="full" if args.stage == 2 else cfg.dec_mask)
 
@@ -197,17 +197,15 @@ def main(argv=None):
             raise SystemExit("REPA targets align 4 RGB frames with each latent frame: use --vae vidtok with --dino-ckpt")
     elif master:
         print("REPA is off: no --dino-ckpt given (training uses the flow loss only)")
-    cfg = build_config(args, dino, vae)
+    init = torch_load(args.init) if args.init is not None else None  # the stage-1 checkpoint
+    cfg = build_config(args, dino, vae, init)
     train_set, val_set, size = build_data(args, cfg, vae, rank)
     if args.cache is not None:
         train_set = build_cache(args, train_set, val_set, size, vae, dino, cfg, rank, world, device)
 
     model = VideoFlexTok(cfg).to(device)
-    if args.init is not None:
-        state = torch_load(args.init)
-        missing, unexpected = model.load_state_dict(state["ema"] or state["model"], strict=False)
-        if unexpected or any(not k.startswith("decoder.repa_head.") for k in missing):
-            raise SystemExit(f"{args.init} does not fit preset {args.preset}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if init is not None:
+        model.load_checkpoint_weights(init, args.init)
     if args.stage == 2:
         model.encoder.requires_grad_(False)
     opt, params = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.99), fused=use_cuda)

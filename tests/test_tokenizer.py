@@ -292,3 +292,23 @@ def test_tiny_tokenizer_overfits_and_its_tokens_carry_the_clips():
     chance = (clips - random_clips(seed=1)).pow(2).mean().item()  # an unrelated sample: ~0.67
     assert errors[8] < 0.05 * chance, errors
     assert errors[8] <= 1.05 * errors[1], errors
+
+
+def test_checkpoints_load_with_or_without_the_training_only_repa_head(tmp_path):
+    import dataclasses
+    with_head = random_model(small_config())
+    state = {"config": dataclasses.asdict(with_head.cfg), "model": with_head.state_dict(), "ema": None}
+    torch.save(state, tmp_path / "ckpt.pt")
+    loaded = VideoFlexTok.from_checkpoint(tmp_path / "ckpt.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), with_head.state_dict().values()))
+    # Stage 2 without DINOv2 (no head) from a checkpoint trained with REPA, and the reverse.
+    no_head = VideoFlexTok(small_config(repa_dim=0))
+    no_head.load_checkpoint_weights(state, "ckpt.pt")
+    assert torch.equal(no_head.decoder.head.weight, with_head.decoder.head.weight)
+    VideoFlexTok(small_config()).load_checkpoint_weights({"model": no_head.state_dict(), "ema": None}, "ckpt.pt")
+    # Anything else that does not fit is refused, and so is a file that is no checkpoint.
+    with pytest.raises(ValueError, match="does not match the VideoFlexTok.*shape mismatches.*encoder.registers"):
+        VideoFlexTok(small_config(registers=4)).load_checkpoint_weights(state, "ckpt.pt")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a train_tok.py checkpoint"):
+        VideoFlexTok.from_checkpoint(tmp_path / "other.pt")
