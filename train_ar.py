@@ -37,26 +37,20 @@ from tqdm import tqdm
 from ar import ARConfig, ARModel
 from data import VideoFolder, synthetic_data, to_uint8, write_video
 from tokenizer import VideoFlexTok
-from trainer import (Progress, RunLog, Shards, batches, build_shards, lr_at, make_ema, make_optimizer,
-                     optimizer_step, mean_over_ranks, resume, save_checkpoint, setup_distributed, training_state,
-                     update_ema, weight_checksum)
+from trainer import (Progress, RunLog, Shards, add_common_args, batches, build_shards, lr_at, make_ema,
+                     make_optimizer, mean_over_ranks, optimizer_step, resume, save_checkpoint,
+                     setup_distributed, training_state, update_ema, weight_checksum)
 from vae import load_vae
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, batch_size=16, batch_unit="sequences", ema=0.0)
     p.add_argument("--cache", type=Path, required=True, help="token cache directory (written by --tokenize)")
-    # Step 1: tokenize.
+    # Step 1: tokenize (also uses --data, --vae*, --frames, --fps, --size).
     p.add_argument("--tokenize", action="store_true", help="tokenize --data into --cache, then stop")
     p.add_argument("--tok-ckpt", type=Path, default=None, help="tokenizer checkpoint (train_tok.py)")
-    p.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data")
-    p.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"])
-    p.add_argument("--vae-ckpt", type=Path, default=None)
-    p.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
     p.add_argument("--t5", type=Path, default=None, help="T5 directory (config.json, tokenizer.json, safetensors): store caption features")
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--fps", type=float, default=4.0)
-    p.add_argument("--size", type=int, default=None, help="default: the tokenizer's latent size times the VAE's factor")
     # Step 2: train.
     p.add_argument("--run-dir", type=Path, default=Path("runs/ar"))
     p.add_argument("--preset", default="tiny", help="AR preset (tiny, d12, d16, ..., d42)")
@@ -65,25 +59,10 @@ def parse_args(argv=None):
                    help="text conditioning: our small byte encoder, trained with the model, or the cached T5 features")
     p.add_argument("--tokens-per-frame", type=int, default=None, help="train on the first k tokens of every frame (default: all)")
     p.add_argument("--dropout", type=float, default=None, help="default: the preset's")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per process and step")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay (after a warm-up); 0 disables it")
     p.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 fully_shard instead of DDP (CUDA)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=500)
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance for the periodic samples")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
-    p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
 
@@ -205,7 +184,7 @@ def train(args, rank, world, device):
     progress = resume(args.run_dir, model, opt, ema, world, rank, device) if args.resume else Progress()
 
     objective = Objective(model, args.cond, args.text_encoder)
-    if use_cuda and (args.compile is None or args.compile):
+    if use_cuda if args.compile is None else args.compile:
         objective = torch.compile(objective)
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard

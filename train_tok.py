@@ -35,45 +35,24 @@ from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_vi
 from decoder import token_budgets
 from dino import load_dinov2, repa_targets
 from tokenizer import TokenizerConfig, VideoFlexTok
-from trainer import (Progress, RunLog, barrier, batches, build_shards, lr_at, make_ema, make_optimizer,
-                     mean_over_ranks, optimizer_step, resume, save_checkpoint, setup_distributed, training_state,
-                     update_ema)
+from trainer import (Progress, RunLog, add_common_args, barrier, batches, build_shards, lr_at, make_ema,
+                     make_optimizer, mean_over_ranks, optimizer_step, resume, save_checkpoint,
+                     setup_distributed, training_state, update_ema)
 from vae import load_vae
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data (generated once)")
+    add_common_args(p, batch_size=8, batch_unit="clips", ema=0.999)
     p.add_argument("--run-dir", type=Path, default=Path("runs/tok"))
     p.add_argument("--preset", default="tiny", help="tokenizer preset (tiny, d12-d12, d18-d18, d18-d28)")
     p.add_argument("--stage", type=int, default=1, choices=[1, 2])
     p.add_argument("--init", type=Path, default=None, help="stage 2: the stage-1 checkpoint to start from")
-    p.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"])
-    p.add_argument("--vae-ckpt", type=Path, default=None)
-    p.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
     p.add_argument("--dino-ckpt", type=Path, default=None, help="DINOv2 weights for REPA; REPA is off without them")
     p.add_argument("--repa-weight", type=float, default=0.5)
     p.add_argument("--cache", type=Path, default=None, help="encode the clips once (VAE latents, DINOv2 targets) into this directory and train from it")
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--fps", type=float, default=4.0)
-    p.add_argument("--size", type=int, default=None, help="clip side in pixels; default: the preset's latent size times the VAE's factor")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per process and step")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at lr * this")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (after a warm-up); 0 disables the EMA")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--val-clips", type=int, default=4)
     p.add_argument("--val-steps", type=int, default=25, help="Euler steps for validation decoding")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return p.parse_args(argv)
 
 

@@ -6,11 +6,13 @@ the epoch and every rank's random state. Nothing here knows about tokenizers or 
 
 References: nanoGPT and DiT (torchrun and checkpoint conventions).
 """
+import argparse
 import copy
 import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,32 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from checkpoint import torch_load
+
+
+def add_common_args(p, batch_size, batch_unit, ema):
+    """The flags both training scripts share: videos, the frozen VAE, optimisation, bookkeeping."""
+    p.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data (generated once)")
+    p.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"])
+    p.add_argument("--vae-ckpt", type=Path, default=None)
+    p.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--fps", type=float, default=4.0)
+    p.add_argument("--size", type=int, default=None, help="clip side in pixels; default: the tokenizer's latent size times the VAE's factor")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_unit} per process and step")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at lr * this")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay (after a warm-up); 0 disables the EMA")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
 def setup_distributed(device=None):
