@@ -215,15 +215,24 @@ def _batches(videos):
 
 
 @torch.no_grad()
+def mse(a, b):
+    """Mean squared error of videos in [-1, 1], each clamped to that range first."""
+    return (a.clamp(-1, 1) - b.clamp(-1, 1)).float().pow(2).mean().item()
+
+
+def psnr(a, b):
+    """PSNR in dB of videos in [-1, 1] (peak-to-peak 2, so the peak power is 4)."""
+    return float(10 * np.log10(4 / max(mse(a, b), 1e-10)))
+
+
 def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps: int = 25, generator=None, i3d=None,
                            batch_size: int = 8) -> dict:
     """{k: {"psnr": dB, "rfvd": FVD or None}} for reconstructions from the first k tokens of every latent frame.
 
     videos: (N, 3, T, H, W) in [-1, 1] or an iterable of such batches, encoded once each. budgets: default
-    1, 2, 4, ..., K. PSNR is over the whole set (the mean squared error of every pixel, as train_tok.psnr on one
+    1, 2, 4, ..., K. PSNR is over the whole set (the mean squared error of every pixel, as `psnr` on one
     batch); rFVD (real clips against their reconstructions) needs `i3d` (fvd.load_i3d) and >= 9 frames."""
     from fvd import FeatureStats, frechet_distance_from_stats, video_stats
-    from train_tok import psnr
 
     budgets = list(budgets or token_budgets(tokenizer.cfg.registers))
     if not all(1 <= k <= tokenizer.cfg.registers for k in budgets):
@@ -239,8 +248,7 @@ def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps: int = 25
         for k in budgets:
             recon = vae.decode(tokenizer.decode(ids[..., :k], steps=steps, generator=generator,
                                                 size=latents.shape[-2:]))
-            # train_tok.psnr gives the batch's mean squared error back as 4 / 10^(PSNR / 10)
-            sq_err[k] += 4 / 10 ** (psnr(recon, batch) / 10) * batch.numel()
+            sq_err[k] += mse(recon, batch) * batch.numel()
             if i3d is not None:
                 video_stats(recon, i3d, batch_size=batch_size, stats=fake[k])
         pixels += batch.numel()

@@ -54,8 +54,8 @@ from ar import ARConfig, ARModel, from_sequence
 from checkpoint import torch_load
 from data import BadVideo, load_clip, probe, start_frames, to_uint8, write_png_grid, write_video
 from decoder import APG, token_budgets
+from eval import psnr
 from tokenizer import VideoFlexTok
-from train_tok import psnr
 from vae import load_vae
 
 SHEET_COLUMNS = 9  # frames shown per row of the contact sheet, evenly spaced, first and last included

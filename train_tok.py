@@ -34,6 +34,7 @@ from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
 from decoder import token_budgets
 from dino import load_dinov2, repa_targets
+from eval import psnr
 from tokenizer import TokenizerConfig, VideoFlexTok
 from trainer import (Progress, RunLog, add_common_args, barrier, batches, build_shards, lr_at, make_ema,
                      make_optimizer, mean_over_ranks, optimizer_step, resume, save_checkpoint,
@@ -128,12 +129,6 @@ def token_grid(latents, cfg):
 
 ################################################################################
 # Validation: reconstructions from 1, 2, 4, ..., K tokens per frame
-
-def psnr(a, b):
-    """PSNR of videos in [-1, 1] (peak-to-peak 2)."""
-    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).float().pow(2).mean().clamp_min(1e-10)
-    return (10 * torch.log10(4 / mse)).item()
-
 
 @torch.no_grad()
 def validate(model, vae, clips, cfg, args, step, out_dir):

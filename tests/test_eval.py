@@ -17,7 +17,6 @@ import eval as ev
 import fvd
 from decoder import token_budgets
 from tokenizer import TokenizerConfig, VideoFlexTok
-from train_tok import psnr
 from vae import PixelVAE
 
 
@@ -93,11 +92,11 @@ def test_psnr_by_budget_over_a_set():
     result = ev.psnr_by_budget(tok, vae, videos, steps=2, generator=torch.Generator().manual_seed(0))
     assert list(result) == token_budgets(4) == [1, 2, 4]
     assert all(math.isfinite(v) and 0 < v < 60 for v in result.values())
-    # one batch: exactly train_tok.psnr of the reconstruction
+    # one batch: exactly the psnr of the reconstruction
     ids = tok.encode(vae.encode(videos))
     recon = vae.decode(tok.decode(ids[..., :2], steps=2, generator=torch.Generator().manual_seed(0)))
     one = ev.psnr_by_budget(tok, vae, videos, [2], steps=2, generator=torch.Generator().manual_seed(0))
-    assert one[2] == pytest.approx(psnr(recon, videos), abs=1e-4)
+    assert one[2] == pytest.approx(ev.psnr(recon, videos), abs=1e-4)
     # batches of unequal size pool the squared error of every pixel
     split = ev.psnr_by_budget(tok, vae, [videos[:1], videos[1:]], [4], steps=2, generator=torch.Generator())
     assert math.isfinite(split[4])
