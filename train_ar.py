@@ -95,8 +95,9 @@ def tokenize(args, rank, world, device):
     # The cache belongs to one tokenizer: its weights' checksum and config are part of the settings.
     settings = {"tokenizer": {"config": dataclasses.asdict(tok.cfg), "checksum": weight_checksum(tok)},
                 "tok_ckpt": str(args.tok_ckpt), "data": str(Path(root).resolve()), "videos": len(videos),
-                "frames": args.frames, "fps": args.fps, "size": size, "vae": args.vae, "vae_ckpt": str(args.vae_ckpt),
-                "t5": str(args.t5), "classes": videos.classes}
+                "frames": args.frames, "fps": args.fps, "size": size, "vae": args.vae,
+                "vae_ckpt": args.vae_ckpt and str(args.vae_ckpt), "vae_version": args.vae_version,
+                "t5": args.t5 and str(args.t5), "classes": videos.classes}
     shards = build_shards(args.cache, videos, settings, encode, batch_size=8, num_workers=args.num_workers,
                           rank=rank, world=world)
     if rank == 0:
@@ -198,8 +199,8 @@ def train(args, rank, world, device):
     if master and args.sample_every:
         tok = VideoFlexTok.from_checkpoint(meta["settings"]["tok_ckpt"]).to(device)
         model.check_tokenizer(tok)
-        vae = load_vae(meta["settings"]["vae"], None if meta["settings"]["vae_ckpt"] == "None" else meta["settings"]["vae_ckpt"],
-                       device=device)
+        settings = meta["settings"]
+        vae = load_vae(settings["vae"], settings["vae_ckpt"], settings["vae_version"], device)
         (args.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         captions = [data[i][meta["fields"].index("caption")] for i in range(min(len(data), args.num_samples))]
     if master:

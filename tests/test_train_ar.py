@@ -42,6 +42,8 @@ def train(cache, run_dir, *extra):
 def test_tokenize_stores_compact_ids_labels_and_captions(cache):
     meta = json.loads((cache / "cache" / "meta.json").read_text())
     assert meta["fields"] == ["ids", "label", "caption"]
+    # The VAE that made the ids is recorded whole, so samples decode through the same one.
+    assert (meta["settings"]["vae"], meta["settings"]["vae_ckpt"], meta["settings"]["vae_version"]) == ("pixel", None, "v1.0")
     shard = torch.load(next((cache / "cache").glob("shard-*.pt")), weights_only=True)
     assert shard["ids"].dtype == torch.uint16 and shard["ids"].shape == (8, 5, 16)
     assert sorted(set(shard["label"].tolist())) == list(range(8))
