@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import check_state_dict, torch_load
+from checkpoint import check_state_dict, load_safetensors, torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -272,8 +272,6 @@ def _hf_to_official(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
-        from t5 import load_safetensors  # our own reader; imported lazily, only this path needs it
-
         state = load_safetensors(file)
     else:
         state = torch_load(file)

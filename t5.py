@@ -7,9 +7,8 @@ T5 v1.1 / FLAN-T5 / mT5 checkpoint in the Hugging Face layout loads here, google
 the default.
 
 What is here
-- A dependency-free safetensors reader (`read_safetensors_header`, `load_safetensors`,
-  `load_safetensors_metadata`, `load_sharded`): checks the header before touching data. Shared
-  project infrastructure (the VideoFlexTok release keeps its configuration in `__metadata__`).
+- `load_sharded`: Hugging Face sharded safetensors (`*.safetensors.index.json`), read with the
+  project's safetensors reader in checkpoint.py.
 - `T5Config`, `T5Encoder`: the encoder stack (RMSNorm without mean or bias, bucketed relative
   position bias computed once and shared by all layers, gated-GELU feed-forward, attention logits
   without 1/sqrt(d) scaling) loading `config.json` + `model.safetensors` or sharded safetensors with
@@ -55,115 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ------------------------------------------------------------------------------------------------
-# safetensors: u64 little-endian header length N | N bytes of JSON | data section. The header maps
-# tensor names to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the data
-# section, C order, little endian) plus an optional "__metadata__" map of strings.
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit; anything larger is a corrupt file
-
-
-def read_safetensors_header(path) -> tuple[dict, dict, int]:
-    """Parse and validate a safetensors header without reading tensor data.
-
-    Returns (tensors, metadata, data_offset): tensors maps name -> {"dtype", "shape",
-    "data_offsets"}, metadata is the `__metadata__` str -> str map ({} if absent) and data_offset
-    is the absolute file offset of the data section. Raises ValueError naming the problem for a
-    malformed file: bad header length or JSON, unknown dtype, shape not matching the byte span,
-    tensors overlapping, leaving gaps or not covering the data section exactly.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"safetensors file not found: {path}")
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{path}: {file_size} bytes is too short for a safetensors file")
-        n = int.from_bytes(prefix, "little")
-        if n < 2 or n > min(_MAX_HEADER_BYTES, file_size - 8):
-            raise ValueError(f"{path}: header length {n} does not fit the file "
-                             f"({file_size} bytes); not a safetensors file or truncated")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: header must be a JSON object, found {type(header).__name__}")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(f"{path}: __metadata__ must map strings to strings, found {metadata!r}")
-
-    spans = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ValueError(f"{path}: entry {name!r} must have exactly dtype, shape and "
-                             f"data_offsets, found {info!r}")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype!r}; "
-                             f"supported: {', '.join(SAFETENSORS_DTYPES)}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ValueError(f"{path}: tensor {name!r} has shape {shape!r}; "
-                             "expected a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; "
-                             "expected [begin, end] with 0 <= begin <= end")
-        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
-        if offsets[1] - offsets[0] != nbytes:
-            raise ValueError(f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs {nbytes} "
-                             f"bytes but data_offsets {offsets} span {offsets[1] - offsets[0]}")
-        spans.append((offsets[0], offsets[1], name))
-
-    data_size = file_size - 8 - n
-    position = 0
-    for begin, end, name in sorted(spans):
-        if begin != position:
-            raise ValueError(f"{path}: tensor {name!r} starts at data byte {begin}, expected "
-                             f"{position}; tensors must be contiguous and must not overlap")
-        position = end
-    if position != data_size:
-        raise ValueError(f"{path}: tensors cover {position} bytes but the data section has "
-                         f"{data_size}; the file is truncated or has trailing bytes")
-    return header, metadata, 8 + n
-
-
-def load_safetensors_metadata(path) -> dict[str, str]:
-    """The header's `__metadata__` map (e.g. a model configuration stored as a JSON string)."""
-    return read_safetensors_header(path)[1]
-
-
-def load_safetensors(path, device="cpu", names=None) -> dict[str, torch.Tensor]:
-    """Read tensors from a safetensors file (all of them, or only `names`) onto `device`."""
-    header, _, data_offset = read_safetensors_header(path)
-    names = list(header) if names is None else list(names)
-    missing = [n for n in names if n not in header]
-    if missing:
-        raise ValueError(f"{path}: no tensors named {missing[:5]} "
-                         f"({len(missing)} missing); the file has {len(header)} tensors")
-    tensors = {}
-    with open(path, "rb") as f:
-        for name in names:
-            info = header[name]
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            buffer = bytearray(end - begin)  # writable and owned, so the tensor outlives the file
-            f.seek(data_offset + begin)
-            f.readinto(buffer)
-            flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-            tensors[name] = flat.reshape(info["shape"]).to(device)
-    return tensors
-
+from checkpoint import load_safetensors, read_safetensors_header
 
 def _sharded_weight_map(index_path: Path) -> dict[str, Path]:
     """name -> shard file, from a Hugging Face `*.safetensors.index.json`."""

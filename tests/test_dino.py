@@ -144,9 +144,6 @@ def test_official_layout_pth_loads_strictly(tmp_path):
 
 
 def test_loads_hf_safetensors_with_our_reader(tmp_path):
-    t5 = pytest.importorskip("t5", reason="t5.py (our safetensors reader) not available")
-    if not hasattr(t5, "load_safetensors"):
-        pytest.skip("t5.load_safetensors not available")
     hf = _hf_model(registers=False)
     hf.save_pretrained(tmp_path)
     ours = dino.load_dinov2(tmp_path)

@@ -1,5 +1,6 @@
-"""Tests for t5.py: safetensors reader, T5 encoder parity with `transformers`, tokenizer parity with
-`tokenizers` (both tokenizer.json layouts), and clear errors on bad input. CPU, random weights."""
+"""Tests for checkpoint.py's safetensors reader and t5.py: T5 encoder parity with `transformers`,
+tokenizer parity with `tokenizers` (both tokenizer.json layouts), and clear errors on bad input.
+CPU, random weights."""
 
 import base64
 import json
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import t5
+from checkpoint import load_safetensors, load_safetensors_metadata
 
 # A SentencePiece `precompiled_charsmap` (the binary normaliser T5's tokenizer.json embeds),
 # produced by sentencepiece 0.2.3 from a 135-rule TSV: NFKC of fullwidth letters and digits,
@@ -84,16 +86,16 @@ def test_safetensors_reader_matches_package(tmp_path):
     path = tmp_path / "all.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt", "config": json.dumps({"d": 3})})
 
-    ours, reference = t5.load_safetensors(path), load_file(str(path))
+    ours, reference = load_safetensors(path), load_file(str(path))
     assert ours.keys() == reference.keys() == tensors.keys()
     assert {ours[k].dtype for k in ours} == set(DTYPES.values())
     for k in reference:
         assert ours[k].dtype == reference[k].dtype and ours[k].shape == reference[k].shape, k
         assert torch.equal(_as_bytes(ours[k]), _as_bytes(reference[k])), k
     with safe_open(str(path), "pt") as f:
-        assert t5.load_safetensors_metadata(path) == f.metadata()
-    assert json.loads(t5.load_safetensors_metadata(path)["config"]) == {"d": 3}
-    subset = t5.load_safetensors(path, names=["BF16"])
+        assert load_safetensors_metadata(path) == f.metadata()
+    assert json.loads(load_safetensors_metadata(path)["config"]) == {"d": 3}
+    subset = load_safetensors(path, names=["BF16"])
     assert list(subset) == ["BF16"]
     assert torch.equal(_as_bytes(subset["BF16"]), _as_bytes(tensors["BF16"]))
 
@@ -131,7 +133,7 @@ def test_safetensors_rejects_malformed(tmp_path, content, message):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=message):
-        t5.load_safetensors(path)
+        load_safetensors(path)
 
 
 def test_safetensors_well_formed_handmade_file_loads(tmp_path):
@@ -139,7 +141,7 @@ def test_safetensors_well_formed_handmade_file_loads(tmp_path):
     path = tmp_path / "good.safetensors"
     data = torch.tensor([1.5, -2.0]).numpy().tobytes() + bytes([1, 2, 3, 4])
     path.write_bytes(_raw_file(GOOD, data))
-    tensors = t5.load_safetensors(path)
+    tensors = load_safetensors(path)
     assert torch.equal(tensors["a"], torch.tensor([1.5, -2.0]))
     assert torch.equal(tensors["b"], torch.tensor([1, 2, 3, 4], dtype=torch.int8))
 
