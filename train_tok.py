@@ -36,9 +36,10 @@ from decoder import token_budgets
 from dino import load_dinov2, repa_targets
 from eval import psnr
 from tokenizer import TokenizerConfig, VideoFlexTok
-from trainer import (Progress, RunLog, add_common_args, barrier, batches, build_shards, lr_at, make_ema,
-                     make_optimizer, mean_over_ranks, optimizer_step, resume, save_checkpoint,
+from trainer import (Progress, RunLog, add_common_args, barrier, batches, build_shards, compile_blocks, lr_at,
+                     make_ema, make_optimizer, mean_over_ranks, optimizer_step, resume, save_checkpoint,
                      setup_distributed, training_state, update_ema)
+from transformer import Block
 from vae import load_vae
 
 def parse_args(argv=None):
@@ -187,7 +188,9 @@ def main(argv=None):
 
     progress = resume(args.run_dir, model, opt, ema, world, rank, device) if args.resume else Progress()
 
-    net = torch.compile(model) if compile_model else model
+    if compile_model:
+        compile_blocks(model, Block)
+    net = model
     if world > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if use_cuda else None)
     if master:
