@@ -44,8 +44,11 @@ def sample_keep_k(batch, K, mode, device="cpu"):
     if mode == "uniform":
         return torch.randint(1, K + 1, (batch,), device=device)
     if mode == "pow2":
-        choices = torch.tensor(token_budgets(K), device=device)
-        return choices[torch.randint(len(choices), (batch,), device=device)]
+        # token_budgets(K) as 1, 2, 4, ... capped at K, made on the device: a tensor made from a Python
+        # list is copied in, and that makes the host wait for the GPU in every training step.
+        n = len(token_budgets(K))
+        choices = torch.clamp(2 ** torch.arange(n, device=device), max=K)
+        return choices[torch.randint(n, (batch,), device=device)]
     raise ValueError(f"nested dropout mode must be 'pow2' or 'uniform'; got {mode!r}")
 
 

@@ -209,7 +209,8 @@ def group_modulation(mod, layout, groups):
     official group-major split of the adaLN output.
     """
     mod = mod.unflatten(-1, (groups, -1))  # (B, groups, n)
-    which = torch.tensor([0] * layout.patches + [min(1, groups - 1)] * layout.registers, device=mod.device)
+    # Made on the device: a tensor made from a Python list is copied in, which makes the host wait for the GPU.
+    which = (torch.arange(layout.block, device=mod.device) >= layout.patches).long() * min(1, groups - 1)
     return mod[:, which][:, None]
 
 
