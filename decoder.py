@@ -13,7 +13,10 @@ The register path, in order: FSQ codes (B, T, K, 6) -> Linear to the width -> + 
 position embedding -> nested dropout (positions >= k replaced by one learned mask token, so a
 dropped slot carries no position and "k tokens" looks the same in training and at inference) ->
 registers of clean prefix frames replaced by a learned prefix token -> null-condition dropout
-(the whole set replaced by a learned null token, for classifier-free guidance). The registers are
+(the whole set replaced by a learned null token, for classifier-free guidance). The three
+replacements run in `cfg.register_masks` order (this one by default): an official checkpoint's
+configuration may order them otherwise, which changes the tokens of dropped slots in prefix
+frames, or leave the prefix token out. The registers are
 then interleaved frame by frame with the patchified noised latents and run through a transformer
 with timestep adaLN-zero, separate for patches and registers, under a time-causal mask (or a full
 one in the fine-tuning stage). The time-causal decoder turns reconstruction into prediction of
@@ -106,19 +109,28 @@ def guide(v_cond, v_uncond, scale, apg=None, running=None):
     return v_cond + (scale - 1) * update, running
 
 
+# The learned token each register-masking step writes: nested dropout, clean prefix frames, "no tokens" (CFG).
+MASK_TOKENS = {"nested": "mask_token", "prefix": "prefix_token", "null": "null_token"}
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         dim, p, C, K = cfg.dec_width, cfg.patch_size, cfg.latent_channels, cfg.registers
+        masks = cfg.register_masks
+        if sorted(masks) not in (["nested", "null", "prefix"], ["nested", "null"]):
+            raise ValueError(f"register_masks must order 'nested', 'null' and optionally 'prefix', each once; "
+                             f"got {masks!r}")
         self.from_codes = nn.Linear(len(cfg.fsq_levels), dim)
-        self.register_pos = AxialPositionEmbedding(dim, (cfg.max_frames, K))
-        self.mask_token = nn.Parameter(torch.randn(dim) * 0.02)    # nested dropout
-        self.prefix_token = nn.Parameter(torch.randn(dim) * 0.02)  # registers of clean prefix frames
-        self.null_token = nn.Parameter(torch.randn(dim) * 0.02)    # "no tokens", for CFG
+        kind = cfg.register_pos_embedding
+        self.register_pos = AxialPositionEmbedding(dim, cfg.pos_sizes(kind, cfg.max_frames, K), kind)
+        for step in masks:
+            setattr(self, MASK_TOKENS[step], nn.Parameter(torch.randn(dim) * 0.02))
         self.patch_embed = nn.Linear(p * p * C, dim)
-        self.pos = AxialPositionEmbedding(dim, (cfg.max_frames, cfg.max_grid, cfg.max_grid))
-        self.time = TimestepEmbedder(dim)
+        grid = (cfg.max_frames, cfg.max_grid, cfg.max_grid)
+        self.pos = AxialPositionEmbedding(dim, cfg.pos_sizes(cfg.pos_embedding, *grid), cfg.pos_embedding)
+        self.time = TimestepEmbedder(dim, scale=cfg.time_scale)
         self.transformer = Transformer(dim, cfg.dec_depth, cfg.dec_mask, cond_dim=dim, groups=2)
         self.head_adaLN = zero_linear(dim, 2 * dim)
         self.head = zero_linear(dim, p * p * C)
@@ -132,15 +144,18 @@ class Decoder(nn.Module):
         registers are masked; null (B,) bool: clips decoded with no tokens at all.
         """
         B, T, K, _ = codes.shape
+        device = codes.device
         r = self.from_codes(codes) + self.register_pos(T, K)  # (B, T, K, D)
-        if keep_k is not None:
-            dropped = torch.arange(K, device=codes.device) >= keep_k[:, None]  # (B, K)
-            r = torch.where(dropped.view(B, 1, K, 1), self.mask_token.to(r.dtype), r)
-        if prefix is not None:
-            clean = torch.arange(T, device=codes.device) < prefix[:, None]
-            r = torch.where(clean.view(B, T, 1, 1), self.prefix_token.to(r.dtype), r)
-        if null is not None:
-            r = torch.where(null.view(B, 1, 1, 1), self.null_token.to(r.dtype), r)
+        # The slots each step replaces, as (B, T, K, 1)-broadcastable masks. The steps run in the
+        # configured order; it matters where they overlap (e.g. dropped slots of a prefix frame).
+        replaced = {
+            "nested": None if keep_k is None else (torch.arange(K, device=device) >= keep_k[:, None]).view(B, 1, K, 1),
+            "prefix": None if prefix is None else (torch.arange(T, device=device) < prefix[:, None]).view(B, T, 1, 1),
+            "null": None if null is None else null.view(B, 1, 1, 1),
+        }
+        for step in self.cfg.register_masks:
+            if replaced[step] is not None:
+                r = torch.where(replaced[step], getattr(self, MASK_TOKENS[step]).to(r.dtype), r)
         return r
 
     def forward(self, x_t, t, registers, repa=False):

@@ -9,6 +9,7 @@ that keeps the semantics and motion, more tokens add detail.
     ids = tok.encode(latents)                      # (B, T', 256) in [0, 64000)
     latents = tok.decode(ids[..., :32], steps=25)  # decode from the first 32 tokens of every frame
     ids = tok.tokenize(video, vae); video = tok.detokenize(ids, vae)  # through a VAE
+    tok = VideoFlexTok.from_pretrained("model.safetensors")  # the official release (official.py), or ours
 
 Presets: `tiny` (CPU tests and demo, on pixels), `d12-d12` (the paper's ablation size),
 `d18-d18` (Kinetics-600, 17x128x128, patch 1), `d18-d28` (256x256, patch 2). Widths follow the
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+import official
 from decoder import Decoder
 from encoder import Encoder
 from fsq import LEVELS
@@ -50,23 +52,39 @@ class TokenizerConfig:
     repa_depth: int = 2
     repa_layer: int = 1            # 0-based decoder block whose output the REPA head reads
     repa_weight: float = 0.5       # lambda; REPA's default
+    # Choices the official release leaves to its per-checkpoint config (official.py reads them from
+    # there); the defaults are this repository's.
+    enc_dim: int = 0               # encoder width; 0 = 64 * enc_depth, the paper's rule
+    dec_dim: int = 0               # decoder width; 0 = 64 * dec_depth
+    pos_embedding: str = "learnable_sum"           # patch positions; or "learnable_prod"
+    register_pos_embedding: str = "learnable_sum"  # decoder register positions; or "learnable_prod", "sincos"
+    square_positions: bool = False  # learned position tables as the official files store them: every axis
+                                    # as long as the table's longest (the extra rows are never used)
+    time_scale: float = 1000.0     # the timestep embedding sees time_scale * t (official: 1000 / max_timestep)
+    register_masks: tuple = ("nested", "prefix", "null")  # the order the decoder replaces register tokens in:
+                                   # nested dropout, clean-prefix frames, null condition ("prefix" optional)
 
     @property
     def enc_width(self):
-        return 64 * self.enc_depth
+        return self.enc_dim or 64 * self.enc_depth
 
     @property
     def dec_width(self):
-        return 64 * self.dec_depth
+        return self.dec_dim or 64 * self.dec_depth
 
     @property
     def max_grid(self):
         return self.latent_size // self.patch_size
 
+    def pos_sizes(self, kind, *sizes):
+        """The sizes of a position table of this kind over the given axes (see square_positions)."""
+        return (max(sizes),) * len(sizes) if self.square_positions and kind != "sincos" else sizes
+
     @classmethod
     def from_dict(cls, fields):
         """The inverse of dataclasses.asdict, as stored in checkpoints (JSON turns tuples into lists)."""
-        return cls(**{**fields, "fsq_levels": tuple(fields["fsq_levels"])})
+        tuples = {k: tuple(fields[k]) for k in ("fsq_levels", "register_masks") if k in fields}
+        return cls(**{**fields, **tuples})
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -88,6 +106,21 @@ class VideoFlexTok(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+
+    @classmethod
+    def from_pretrained(cls, path, keep_repa=False):
+        """A train_tok.py checkpoint, or an official release file (model.safetensors or the directory
+        holding it, see official.py) -> its tokenizer in eval mode, frozen.
+
+        For an official file the load report (tensors loaded, VAE tensors left for vae.py, REPA head
+        dropped unless keep_repa, training settings ours does differently) is printed.
+        """
+        if not official.is_official(path):
+            return cls.from_checkpoint(path)
+        model, report = official.load(cls, path, keep_repa)
+        for line in report:
+            print(f"official VideoFlexTok: {line}")
+        return model
 
     @classmethod
     def from_checkpoint(cls, path):

@@ -236,20 +236,22 @@ class Transformer(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Flow time t in [0, 1] -> vector: sinusoid of 1000*t (max period 256, cos then sin), then MLP.
+    """Flow time t in [0, 1] -> vector: sinusoid of scale*t (max period 256, cos then sin), then MLP.
 
-    The ×1000 scale and the max period of 256 follow the official release (DiT uses t in
-    [0, 1000] and a period of 10000).
+    The scale of 1000 and the max period of 256 follow the official release (DiT uses t in
+    [0, 1000] and a period of 10000); the official module's scale is 1000 / max_timestep, a
+    config value. The scale is folded into the frequencies, as there, so that fp32 rounding agrees.
     """
 
-    def __init__(self, dim, freq_dim=256, max_period=256):
+    def __init__(self, dim, freq_dim=256, max_period=256, scale=1000.0):
         super().__init__()
         half = freq_dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        freqs = scale * torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        args = 1000 * t.float()[:, None] * self.freqs[None]
+        args = t.float()[:, None] * self.freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
@@ -272,23 +274,58 @@ def unpatchify(patches, p, C, grid):
     return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, C, T, h * p, w * p)
 
 
-class AxialPositionEmbedding(nn.Module):
-    """Learned position embedding as a sum of one learned vector per axis (the official
-    `learnable_sum` mode): over (t, y, x) for patches, over (t, k) for decoder registers. It costs
-    sum(sizes) vectors of width D instead of their product."""
+POSITION_KINDS = ("learnable_sum", "learnable_prod", "sincos")
 
-    def __init__(self, dim, sizes):
+
+class AxialPositionEmbedding(nn.Module):
+    """Position embedding over a grid of axes: (t, y, x) for patches, (t, k) for decoder registers.
+
+    The kinds are the official release's:
+    - "learnable_sum" (default): one learned vector per index of every axis, summed. It costs
+      sum(sizes) vectors of width D instead of their product;
+    - "learnable_prod": the same vectors, multiplied;
+    - "sincos": a fixed 2D sine-cosine table (MoCo v3), two axes only. It is a buffer, saved with
+      the weights, because the official files store it too.
+    """
+
+    def __init__(self, dim, sizes, kind="learnable_sum"):
         super().__init__()
-        self.axes = nn.ParameterList(nn.Parameter(torch.randn(n, dim) * 0.02) for n in sizes)
+        if kind not in POSITION_KINDS:
+            raise ValueError(f"position embedding kind must be one of {POSITION_KINDS}; got {kind!r}")
+        self.kind = kind
+        if kind == "sincos":
+            if len(sizes) != 2 or dim % 4:
+                raise ValueError(f"sincos position embeddings need 2 axes and a width divisible by 4; got "
+                                 f"sizes {tuple(sizes)}, width {dim}")
+            self.register_buffer("table", sincos_2d(dim, *sizes))
+        else:
+            self.axes = nn.ParameterList(nn.Parameter(torch.randn(n, dim) * 0.02) for n in sizes)
 
     def forward(self, *lengths):
         """-> (lengths[0], prod(lengths[1:]), D): one vector per position, the first axis kept apart."""
-        pos = 0
-        for i, (axis, n) in enumerate(zip(self.axes, lengths)):
+        if self.kind == "sincos":
+            return self.table[:lengths[0], :lengths[1]]
+        combine = torch.add if self.kind == "learnable_sum" else torch.mul
+        # Combined from the last axis backwards, ((y . x) . t), in the official order: the same
+        # numbers up to float rounding either way, but this way bit for bit.
+        pos = None
+        for i in reversed(range(len(lengths))):
             shape = [1] * len(lengths) + [-1]
-            shape[i] = n
-            pos = pos + axis[:n].view(shape)
+            shape[i] = lengths[i]
+            axis = self.axes[i][:lengths[i]].view(shape)
+            pos = axis if pos is None else combine(axis, pos)
         return pos.flatten(1, -2)
+
+
+def sincos_2d(dim, rows, cols, temperature=10000.0):
+    """(rows, cols, dim) fixed table, laid out exactly as the official `build_2d_sincos_posemb`: it
+    flattens a (cols, rows) grid and reads it back as (rows, cols), so for rows != cols the
+    coordinates are permuted; for square tables entry (i, j) is [sin(i w), cos(i w), sin(j w), cos(j w)]."""
+    n = torch.arange(rows * cols, dtype=torch.float32)
+    first, second = torch.div(n, rows, rounding_mode="floor"), n % rows
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    a, b = first[:, None] * omega, second[:, None] * omega
+    return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1).view(rows, cols, dim)
 
 
 def zero_linear(d_in, d_out, bias=True):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import check_state_dict, torch_load
+from checkpoint import check_state_dict, load_safetensors, read_safetensors_header, torch_load
 
 VERSIONS = ("v1.0", "v1.1")
 # How far outside [-1, 1] input values may stray (e.g. resampling overshoot) before we call them a range mistake.
@@ -402,8 +402,19 @@ def _version_in_filename(name: str) -> str | None:
     return "v1.0" if name == "vidtok_kl_causal_488_16chn.ckpt" else None
 
 
+# In an official VideoFlexTok model.safetensors the VAE's tensors are vae.vidtok.* (video_tokenizer.vae.vidtok.* in the
+# Hugging Face hub layout).
+_OFFICIAL_PREFIX = re.compile(r"(video_tokenizer\.)?vae\.vidtok\.")
+
+
 def _read_checkpoint(path: Path, trusted: bool) -> dict[str, torch.Tensor]:
-    """The encoder/decoder weights of a Lightning checkpoint (weights under `state_dict`) or of a bare state dict."""
+    """The encoder/decoder weights of a Lightning checkpoint (weights under `state_dict`), of a bare state dict, or of
+    an official VideoFlexTok model.safetensors (the VidTok it was trained with, stored beside the tokenizer)."""
+    if path.suffix == ".safetensors":
+        names = [k for k in read_safetensors_header(path)[0] if _OFFICIAL_PREFIX.match(k)]
+        if not names:
+            raise ValueError(f"{path} holds no VidTok tensors (vae.vidtok.*); it is not an official VideoFlexTok file")
+        return {_OFFICIAL_PREFIX.sub("", k, count=1): v for k, v in load_safetensors(path, names=names).items()}
     ckpt = torch_load(path, trusted)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -465,14 +476,15 @@ class VidTokVAE(nn.Module):
         """Load an official VidTok checkpoint (Lightning `.ckpt`) or a saved state dict; returns the model in eval mode.
 
         `version` must match the file: v1.0 is `vidtok_kl_causal_488_16chn.ckpt`, v1.1 is
-        `vidtok_kl_causal_488_16chn_v1_1.ckpt` (same tensors, different forward semantics). The file is read with
+        `vidtok_kl_causal_488_16chn_v1_1.ckpt` (same tensors, different forward semantics); an official VideoFlexTok
+        model.safetensors holds its v1.0 VidTok (causal convs padded with zeros). The file is read with
         `weights_only=True`; `trusted=True` allows a file that also pickles other objects (see
         checkpoint.torch_load). `kwargs` go to the constructor."""
         path = Path(path)
-        named = _version_in_filename(path.name)
+        named = "v1.0" if path.suffix == ".safetensors" else _version_in_filename(path.name)  # official: v1.0
         if version in VERSIONS and named is not None and named != version:
             raise ValueError(
-                f"{path.name} is the VidTok {named} checkpoint but version={version!r} was asked for; pass "
+                f"{path.name} holds the VidTok {named} checkpoint but version={version!r} was asked for; pass "
                 f"version={named!r} (both versions load the same tensors, but their forward passes differ)"
             )
         model = cls(version, **kwargs)
