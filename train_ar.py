@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", type=Path, required=True, help="token cache directory (written by --tokenize)")
     # Step 1: tokenize (also uses --data, --vae*, --frames, --fps, --size).
     p.add_argument("--tokenize", action="store_true", help="tokenize --data into --cache, then stop")
-    p.add_argument("--tok-ckpt", type=Path, default=None, help="tokenizer checkpoint (train_tok.py)")
+    p.add_argument("--tok-ckpt", type=Path, default=None, help="tokenizer checkpoint (train_tok.py, or an official model.safetensors)")
     p.add_argument("--t5", type=Path, default=None, help="T5 directory (config.json, tokenizer.json, safetensors): store caption features")
     # Step 2: train.
     p.add_argument("--run-dir", type=Path, default=Path("runs/ar"))
@@ -72,7 +72,7 @@ def parse_args(argv=None):
 def tokenize(args, rank, world, device):
     if args.tok_ckpt is None:
         raise SystemExit("--tokenize needs --tok-ckpt (a train_tok.py checkpoint)")
-    tok = VideoFlexTok.from_checkpoint(args.tok_ckpt).to(device)
+    tok = VideoFlexTok.from_pretrained(args.tok_ckpt).to(device)
     vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
     root = args.data or synthetic_data()
     size = args.size or tok.cfg.latent_size * vae.spatial_factor
@@ -197,7 +197,7 @@ def train(args, rank, world, device):
 
     tok = vae = None
     if master and args.sample_every:
-        tok = VideoFlexTok.from_checkpoint(meta["settings"]["tok_ckpt"]).to(device)
+        tok = VideoFlexTok.from_pretrained(meta["settings"]["tok_ckpt"]).to(device)
         model.check_tokenizer(tok)
         settings = meta["settings"]
         vae = load_vae(settings["vae"], settings["vae_ckpt"], settings["vae_version"], device)
