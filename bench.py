@@ -226,7 +226,8 @@ def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
     cfg = tok_config(preset, reduced)
     batch = tok_batch(args, preset, reduced)
     torch.manual_seed(0)
-    model = VideoFlexTok(cfg).to(device)
+    with device:  # initialised on the device: billions of parameters take many seconds on the CPU
+        model = VideoFlexTok(cfg)
     opt, params = make_optimizer(model, 1e-4, 0.05, (0.9, 0.99), fused=device.type == "cuda")
     ema = make_ema(model, 0.999)
     if compiled:
@@ -378,7 +379,8 @@ def _decode_job(args: argparse.Namespace, k: int):
     device, dtype, reduced = setup(args)
     torch.manual_seed(0)
     cfg = tok_config(args.preset, reduced)
-    model = VideoFlexTok(cfg).to(device).eval()
+    with device:  # initialised on the device, as in tok-step
+        model = VideoFlexTok(cfg).eval()
     ids = torch.randint(model.codebook_size, (args.batch_size, cfg.max_frames, k), device=device)
 
     def decode():
@@ -587,7 +589,8 @@ def bench_ar(args: argparse.Namespace) -> None:
     depth = args.depth or (2 if reduced else 28)
     torch.manual_seed(0)
     cfg = ARConfig(depth=depth, dropout=0.0, **({"vocab": 4096} if reduced else {}))  # 5 frames x 256 tokens
-    model = ARModel(cfg).to(device, dtype).eval()
+    with device:  # initialised on the device, as in tok-step
+        model = ARModel(cfg).to(dtype).eval()
     config = f"d{depth} (width {cfg.width}), vocab {cfg.vocab}, cfg {args.cfg_scale}"
 
     def step_times(batch: int, tokens: int, cache: bool, steps: int | None = None) -> list[float]:
