@@ -5,7 +5,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo: setup
 	done
 	$(PY) sample.py --tok-ckpt $(DEMO_TOK) --reconstruct $(DEMO)/heldout/red_circle_left/red_circle_left_00000.mp4 $(CLIP) --out $(DEMO)/reconstruct
 	for d in $(DEMO)/text-k* $(DEMO)/class-k*; do echo "== $$d"; $(PY) eval.py adherence $$d | tail -5 || exit 1; done
+
+# Every benchmark at reduced size on CPU (real size, bf16, on CUDA); tables in BENCHMARKS.md.
+bench: setup
+	OMP_NUM_THREADS=1 $(PY) bench.py all
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
