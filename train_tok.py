@@ -133,11 +133,18 @@ def token_grid(latents, cfg):
 
 @torch.no_grad()
 def validate(model, vae, clips, cfg, args, step, out_dir):
-    """Log PSNR per token budget; write a PNG sheet (rows = budgets then the input, columns = frames)
-    and one mp4 per budget for the first clip."""
+    """PSNR per token budget and codebook usage; writes a PNG sheet (rows = budgets then the input,
+    columns = frames) and one mp4 per budget for the first clip.
+
+    Codebook usage is the number of distinct ids among the first tokens of every frame of the
+    validation clips. FSQ can collapse: when the encoder's outputs grow, tanh saturates, its
+    gradient vanishes and every clip lands on the same corner of the grid. Then PSNR stops rising
+    with more tokens and this count stays near 1."""
     budgets = token_budgets(cfg.registers)
     latents = vae.encode(clips)
     ids = model.encode(latents)
+    first = ids[..., 0]
+    usage = {"distinct_first_ids": len(torch.unique(first)), "first_tokens": first.numel()}
     gen = torch.Generator(clips.device).manual_seed(args.seed)
     results, rows = {}, []
     for k in budgets:
@@ -147,7 +154,7 @@ def validate(model, vae, clips, cfg, args, step, out_dir):
         write_video(out_dir / f"step{step:07d}-k{k:03d}.mp4", rows[-1], fps=args.fps)
     rows.append(to_uint8(clips[0]))
     write_png_grid(out_dir / f"step{step:07d}.png", np.stack(rows))
-    return results
+    return results, usage
 
 
 ################################################################################
@@ -228,9 +235,10 @@ def main(argv=None):
             bar.set_postfix(loss=f"{record['loss']:.4f}", clips_s=f"{record['clips_per_s']:.1f}")
             log.write(record)
         if master and (step % args.val_every == 0 or step == args.steps):
-            results = validate(ema or model, vae, val_clips, cfg, args, step, args.run_dir / "val")
-            log.write({"step": step, "val_psnr": results})
-            bar.write(f"step {step}: PSNR by tokens per frame " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items()))
+            results, usage = validate(ema or model, vae, val_clips, cfg, args, step, args.run_dir / "val")
+            log.write({"step": step, "val_psnr": results, "val_codes": usage})
+            bar.write(f"step {step}: PSNR by tokens per frame " + ", ".join(f"{k}: {v:.2f}" for k, v in results.items())
+                      + f"; {usage['distinct_first_ids']} distinct first-token ids in {usage['first_tokens']}")
         if step % args.ckpt_every == 0 or step == args.steps:
             state = training_state(model, ema, opt, dataclasses.asdict(cfg), progress, world, device)
             if master:

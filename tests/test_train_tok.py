@@ -66,6 +66,8 @@ def test_validation_logs_psnr_per_token_budget_and_writes_sheets(videos, tmp_pat
     val = [r for r in read_log(tmp_path) if "val_psnr" in r]
     assert len(val) == 1 and sorted(int(k) for k in val[0]["val_psnr"]) == [1, 2, 4, 8, 16]
     assert all(0 < v < 100 for v in val[0]["val_psnr"].values())
+    codes = val[0]["val_codes"]
+    assert 1 <= codes["distinct_first_ids"] <= codes["first_tokens"]
     assert (tmp_path / "val" / "step0000002.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp_path / "val").glob("step0000002-k*.mp4"))) == 5
 
