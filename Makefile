@@ -22,8 +22,9 @@ test: setup
 # The whole pipeline on the built-in synthetic data, CPU, a fresh run each time (out/demo/):
 # data -> tiny tokenizer -> token cache -> class- and text-conditional AR models on the first 4
 # tokens of every frame (the paper's cheaper AR setting) -> samples at 1, 2 and 4 tokens per frame
-# -> a held-out clip reconstructed at every budget -> adherence tables. Sized to finish in about
-# 15 minutes on 2 cores; at this size the samples are not yet recognisable (see README).
+# -> the tokenizer's codebook usage -> a held-out clip reconstructed at every budget -> adherence
+# tables. Sized to finish in about 15 minutes on 2 cores; at this size the samples are not yet
+# recognisable: the tiny tokenizer's FSQ codes collapse (see README).
 DEMO     = out/demo
 DEMO_TOK = $(DEMO)/tok/ckpt-0000500.pt
 CLIP     = --frames 9
@@ -41,6 +42,7 @@ demo: setup
 	  $(PY) sample.py --ar-ckpt $(DEMO)/ar-text/ckpt-0000250.pt --prompt "a red circle moving left" --num-samples 8 --tokens-per-frame $$k $(CLIP) --out $(DEMO)/text-k$$k || exit 1; \
 	  $(PY) sample.py --ar-ckpt $(DEMO)/ar-class/ckpt-0000250.pt --class blue_square_up --num-samples 8 --tokens-per-frame $$k $(CLIP) --out $(DEMO)/class-k$$k || exit 1; \
 	done
+	$(PY) eval.py codes --tok-ckpt $(DEMO_TOK) --data $(DEMO)/data $(CLIP) --num 96
 	$(PY) sample.py --tok-ckpt $(DEMO_TOK) --reconstruct $(DEMO)/heldout/red_circle_left/red_circle_left_00000.mp4 $(CLIP) --out $(DEMO)/reconstruct
 	for d in $(DEMO)/text-k* $(DEMO)/class-k*; do echo "== $$d"; $(PY) eval.py adherence $$d | tail -5 || exit 1; done
 

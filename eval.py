@@ -6,6 +6,7 @@ Paper: §4.1 ("Evaluation metrics": rFVD, gFVD and a classification score for ge
 
     python eval.py adherence samples/                      # sample-NN-<class or prompt>.mp4 written by sample.py
     python eval.py recon --tok-ckpt runs/tok/ckpt-0002000.pt --data out/synthetic --num 32 [--i3d-ckpt I3D]
+    python eval.py codes --tok-ckpt runs/tok/ckpt-0002000.pt --data out/synthetic   # FSQ codebook usage
     python eval.py gfvd --real out/synthetic --fake samples/ --i3d-ckpt i3d_pretrained_400.pt
 
 Adherence. The paper scores generated Kinetics videos with a video classifier. On the synthetic data a
@@ -264,6 +265,28 @@ def psnr_by_budget(tokenizer, vae, videos, budgets=None, steps: int = 25, genera
     return {k: m["psnr"] for k, m in metrics.items()}
 
 
+@torch.no_grad()
+def codebook_usage(tokenizer, vae, videos, positions: int = 4) -> dict:
+    """How much of the FSQ grid the encoder uses on `videos` (an iterable of batches).
+
+    - distinct ids at each of the first `positions` token positions, and over all tokens;
+    - the fraction of FSQ inputs where tanh is saturated (derivative < 0.05). FSQ collapses when the
+      encoder's outputs grow: the gradient through tanh vanishes and the codes stop moving, so most clips
+      share an id. A healthy tokenizer has many distinct first ids and few saturated inputs."""
+    fsq = tokenizer.encoder.fsq
+    inputs = []
+    hook = tokenizer.encoder.to_codes.register_forward_hook(lambda module, args, z: inputs.append(z.float()))
+    try:
+        ids = torch.cat([tokenizer.encode(vae.encode(batch)).cpu() for batch in videos])   # (N, T, K)
+    finally:
+        hook.remove()
+    z = torch.cat([x.flatten(0, -2) for x in inputs]) + fsq.shift
+    return {"tokens": ids.numel(), "clips": len(ids),
+            "distinct_by_position": [len(torch.unique(ids[..., i])) for i in range(min(positions, ids.shape[-1]))],
+            "distinct": len(torch.unique(ids)),
+            "saturated": (1 - torch.tanh(z) ** 2 < 0.05).float().mean().item()}
+
+
 def rfvd(tokenizer, vae, videos, k: int, i3d, steps: int = 25, generator=None) -> float:
     """rFVD of a set of real clips against their reconstructions from k tokens per latent frame."""
     return reconstruction_metrics(tokenizer, vae, videos, [k], steps, generator, i3d)[k]["rfvd"]
@@ -309,12 +332,15 @@ def parse_args(argv=None):
     adh.add_argument("dir", type=Path, help="folder of mp4s named like sample-00-red_circle_left.mp4 or "
                                             "sample-00-a_red_circle_moving_left.mp4 (searched recursively)")
     rec = commands.add_parser("recon", help="PSNR per token budget and, with --i3d-ckpt, rFVD of reconstructions")
-    rec.add_argument("--tok-ckpt", type=Path, required=True, help="tokenizer checkpoint (train_tok.py)")
-    rec.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data")
-    rec.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"], help="the VAE the tokenizer was trained with")
-    rec.add_argument("--vae-ckpt", type=Path, default=None)
-    rec.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
-    rec.add_argument("--num", type=int, default=32, help="clips evaluated (the first ones of the folder)")
+    codes = commands.add_parser("codes", help="FSQ codebook usage of a tokenizer: distinct ids, saturation")
+    for sub in (rec, codes):
+        sub.add_argument("--tok-ckpt", type=Path, required=True,
+                         help="tokenizer checkpoint (train_tok.py, or an official model.safetensors)")
+        sub.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data")
+        sub.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"], help="the VAE the tokenizer was trained with")
+        sub.add_argument("--vae-ckpt", type=Path, default=None)
+        sub.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
+        sub.add_argument("--num", type=int, default=32, help="clips evaluated (the first ones of the folder)")
     rec.add_argument("--steps", type=int, default=25, help="Euler steps of the flow decoder")
     rec.add_argument("--seed", type=int, default=0)
     gen = commands.add_parser("gfvd", help="FVD of a folder of generated videos against a real video folder")
@@ -324,6 +350,7 @@ def parse_args(argv=None):
     gen.add_argument("--size", type=int, default=None, help="side in pixels; default: the generated videos' size")
     for sub in (rec, gen):
         sub.add_argument("--i3d-ckpt", type=Path, default=None, help="Kinetics-400 I3D weights, i3d_pretrained_400.pt (see fvd.py)")
+    for sub in (rec, codes, gen):
         sub.add_argument("--frames", type=int, default=17)
         sub.add_argument("--fps", type=float, default=4.0)
         sub.add_argument("--batch-size", type=int, default=8)
@@ -352,18 +379,37 @@ def run_adherence(args) -> dict:
     return scores
 
 
-def run_recon(args) -> dict:
-    from fvd import load_i3d
+def load_tokenizer_and_clips(args, device):
+    """recon and codes: the tokenizer, its VAE, and batches of clips at the tokenizer's trained size."""
     from tokenizer import VideoFlexTok
     from vae import load_vae
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    i3d = load_i3d(args.i3d_ckpt).to(device) if args.i3d_ckpt is not None else None   # fail before decoding
-    tok = VideoFlexTok.from_checkpoint(args.tok_ckpt).to(device)
+    tok = VideoFlexTok.from_pretrained(args.tok_ckpt).to(device)
     vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
     size = tok.cfg.latent_size * vae.spatial_factor
     batches = (b.to(device) for b in folder_batches(args.data or synthetic_data(), args.frames, args.fps, size,
                                                     args.num, args.batch_size))
+    return tok, vae, batches
+
+
+def run_codes(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok, vae, batches = load_tokenizer_and_clips(args, device)
+    usage = codebook_usage(tok, vae, batches)
+    print(f"{usage['clips']} clips, {usage['tokens']} tokens, codebook {tok.codebook_size}")
+    for i, n in enumerate(usage["distinct_by_position"]):
+        print(f"  token {i + 1} of every frame: {n} distinct ids")
+    print(f"  all tokens: {usage['distinct']} distinct ids")
+    print(f"  FSQ inputs with tanh saturated (derivative < 0.05): {100 * usage['saturated']:.1f}%")
+    return usage
+
+
+def run_recon(args) -> dict:
+    from fvd import load_i3d
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    i3d = load_i3d(args.i3d_ckpt).to(device) if args.i3d_ckpt is not None else None   # fail before decoding
+    tok, vae, batches = load_tokenizer_and_clips(args, device)
     gen = torch.Generator(device).manual_seed(args.seed)
     metrics = reconstruction_metrics(tok, vae, batches, steps=args.steps, generator=gen, i3d=i3d,
                                      batch_size=args.batch_size)
@@ -391,7 +437,7 @@ def run_gfvd(args) -> float:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return {"adherence": run_adherence, "recon": run_recon, "gfvd": run_gfvd}[args.command](args)
+        return {"adherence": run_adherence, "recon": run_recon, "codes": run_codes, "gfvd": run_gfvd}[args.command](args)
     except (ValueError, FileNotFoundError, BadVideo) as err:
         raise SystemExit(f"eval.py: error: {err}") from err
 

@@ -157,3 +157,24 @@ def test_adherence_command_line_on_sample_named_files(synthetic, tmp_path, capsy
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="names a class"):
         ev.main(["adherence", str(tmp_path / "empty")])
+
+
+def test_codebook_usage_tells_a_collapsed_encoder_from_a_healthy_one(tmp_path, capsys):
+    tok, vae = tiny_tokenizer(), PixelVAE()
+    videos = torch.rand(6, 3, 9, 8, 8) * 2 - 1
+    # At initialisation the code projection is zero: every token is the grid's centre, and tanh is not saturated.
+    fresh = ev.codebook_usage(tok, vae, [videos[:4], videos[4:]])
+    assert fresh["clips"] == 6 and fresh["tokens"] == 6 * 9 * 4
+    assert fresh["distinct_by_position"] == [1, 1, 1, 1] and fresh["distinct"] == 1 and fresh["saturated"] == 0
+    # Large random projections: the ids spread out, and almost every FSQ input sits on tanh's flat tails.
+    with torch.no_grad():
+        tok.encoder.to_codes.weight.normal_(0, 100)
+    big = ev.codebook_usage(tok, vae, [videos])
+    assert big["distinct"] > 6 and big["saturated"] > 0.9
+    # The command line, on a train_tok.py-style checkpoint and a video folder.
+    ckpt = tmp_path / "tok.pt"
+    torch.save({"config": dataclasses.asdict(tok.cfg), "model": tok.state_dict(), "ema": None}, ckpt)
+    root = data.make_synthetic(tmp_path / "clips", num=3, size=8, frames=9, fps=4.0)
+    usage = ev.main(["codes", "--tok-ckpt", str(ckpt), "--data", str(root), "--frames", "9", "--num", "3"])
+    assert usage["clips"] == 3
+    assert "FSQ inputs with tanh saturated" in capsys.readouterr().out
