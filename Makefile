@@ -24,7 +24,7 @@ test: setup
 # tokens of every frame (the paper's cheaper AR setting) -> samples at 1, 2 and 4 tokens per frame
 # -> the tokenizer's codebook usage -> a held-out clip reconstructed at every budget -> adherence
 # tables. Sized to finish in about 15 minutes on 2 cores; at this size the samples are not yet
-# recognisable: the tiny tokenizer's FSQ codes collapse (see README).
+# recognisable: the tiny tokenizer uses very few FSQ codes (see README).
 DEMO     = out/demo
 DEMO_TOK = $(DEMO)/tok/ckpt-0000500.pt
 CLIP     = --frames 9
