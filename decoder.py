@@ -117,19 +117,17 @@ class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        dim, p, C, K = cfg.dec_width, cfg.patch_size, cfg.latent_channels, cfg.registers
+        dim, p, C = cfg.dec_width, cfg.patch_size, cfg.latent_channels
         masks = cfg.register_masks
         if sorted(masks) not in (["nested", "null", "prefix"], ["nested", "null"]):
             raise ValueError(f"register_masks must order 'nested', 'null' and optionally 'prefix', each once; "
                              f"got {masks!r}")
         self.from_codes = nn.Linear(len(cfg.fsq_levels), dim)
-        kind = cfg.register_pos_embedding
-        self.register_pos = AxialPositionEmbedding(dim, cfg.pos_sizes(kind, cfg.max_frames, K), kind)
+        self.register_pos = AxialPositionEmbedding(dim, cfg.register_pos_sizes, cfg.register_pos_embedding)
         for step in masks:
             setattr(self, MASK_TOKENS[step], nn.Parameter(torch.randn(dim) * 0.02))
         self.patch_embed = nn.Linear(p * p * C, dim)
-        grid = (cfg.max_frames, cfg.max_grid, cfg.max_grid)
-        self.pos = AxialPositionEmbedding(dim, cfg.pos_sizes(cfg.pos_embedding, *grid), cfg.pos_embedding)
+        self.pos = AxialPositionEmbedding(dim, cfg.patch_pos_sizes, cfg.pos_embedding)
         self.time = TimestepEmbedder(dim, scale=cfg.time_scale)
         self.transformer = Transformer(dim, cfg.dec_depth, cfg.dec_mask, cond_dim=dim, groups=2)
         self.head_adaLN = zero_linear(dim, 2 * dim)

@@ -25,8 +25,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         dim = cfg.enc_width
         self.patch_embed = nn.Linear(cfg.patch_size ** 2 * cfg.latent_channels, dim)
-        grid = (cfg.max_frames, cfg.max_grid, cfg.max_grid)
-        self.pos = AxialPositionEmbedding(dim, cfg.pos_sizes(cfg.pos_embedding, *grid), cfg.pos_embedding)
+        self.pos = AxialPositionEmbedding(dim, cfg.patch_pos_sizes, cfg.pos_embedding)
         # A separate register set per latent-frame index: frame 0 (the VAE's lone first frame)
         # and later frames carry different information.
         self.registers = nn.Parameter(torch.randn(cfg.max_frames, cfg.registers, dim) * 0.02)

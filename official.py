@@ -607,10 +607,10 @@ def is_official(path):
 
 
 def config_from_file(path, keep_repa=False):
-    """(TokenizerConfig, Reader) from an official file's header alone."""
+    """(TokenizerConfig, Reader, the header's tensor table) from an official file's header alone."""
     from tokenizer import TokenizerConfig
     file, config_json = find_file(path)
-    _, metadata, _ = read_safetensors_header(file)
+    tensors, metadata, _ = read_safetensors_header(file)
     reader = Reader()
     try:
         reader.model(read_config(metadata, config_json))
@@ -627,11 +627,10 @@ def config_from_file(path, keep_repa=False):
     candidates = [TokenizerConfig(**fields, latent_size=reader.tables.get("encoder patches", (0, 0))[1]
                                   * fields["patch_size"], square_positions=square) for square in (False, True)]
     for cfg in candidates:
-        grid = cfg.pos_sizes(cfg.pos_embedding, cfg.max_frames, cfg.max_grid, cfg.max_grid)
-        ours = {"encoder patches": grid, "decoder patches": grid,
-                "registers": cfg.pos_sizes(cfg.register_pos_embedding, cfg.max_frames, cfg.registers)}
+        ours = {"encoder patches": cfg.patch_pos_sizes, "decoder patches": cfg.patch_pos_sizes,
+                "registers": cfg.register_pos_sizes}
         if all(reader.tables.get(k) == v for k, v in ours.items()):
-            return cfg, reader
+            return cfg, reader, tensors
     raise Unsupported(f"{file}: position tables {reader.tables} do not fit {fields['max_frames']} latent frames, "
                       f"{fields['registers']} registers and one latent grid for encoder and decoder")
 
@@ -639,8 +638,7 @@ def config_from_file(path, keep_repa=False):
 def load(model_cls, path, keep_repa=False):
     """An official file -> (our model in eval mode, frozen; a report of what was loaded, dropped and noted)."""
     file, _ = find_file(path)
-    cfg, reader = config_from_file(file, keep_repa)
-    header = read_safetensors_header(file)[0]
+    cfg, reader, header = config_from_file(file, keep_repa)
     strip = "video_tokenizer." if header and all(k.startswith("video_tokenizer.") for k in header) else ""
     wanted, unknown, vae, repa = {}, [], [], []
     for name in header:

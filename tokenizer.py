@@ -76,8 +76,17 @@ class TokenizerConfig:
     def max_grid(self):
         return self.latent_size // self.patch_size
 
-    def pos_sizes(self, kind, *sizes):
-        """The sizes of a position table of this kind over the given axes (see square_positions)."""
+    @property
+    def patch_pos_sizes(self):
+        """Axis lengths of the (t, y, x) patch position tables, encoder's and decoder's alike."""
+        return self._pos_sizes(self.pos_embedding, (self.max_frames, self.max_grid, self.max_grid))
+
+    @property
+    def register_pos_sizes(self):
+        """Axis lengths of the decoder's (t, k) register position table."""
+        return self._pos_sizes(self.register_pos_embedding, (self.max_frames, self.registers))
+
+    def _pos_sizes(self, kind, sizes):
         return (max(sizes),) * len(sizes) if self.square_positions and kind != "sincos" else sizes
 
     @classmethod
