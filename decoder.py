@@ -122,6 +122,8 @@ class Decoder(nn.Module):
         if sorted(masks) not in (["nested", "null", "prefix"], ["nested", "null"]):
             raise ValueError(f"register_masks must order 'nested', 'null' and optionally 'prefix', each once; "
                              f"got {masks!r}")
+        if cfg.time_sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform'; got {cfg.time_sampling!r}")
         self.from_codes = nn.Linear(len(cfg.fsq_levels), dim)
         self.register_pos = AxialPositionEmbedding(dim, cfg.register_pos_sizes, cfg.register_pos_embedding)
         for step in masks:
@@ -195,7 +197,10 @@ class Decoder(nn.Module):
         prefix = torch.zeros(B, dtype=torch.long, device=device) if prefix is None else prefix
         registers = self.embed_registers(codes, keep_k, prefix, null)
 
-        t = torch.sigmoid(torch.randn(B, device=device))  # logit-normal, one t per clip
+        if cfg.time_sampling == "uniform":                # one t per clip
+            t = torch.rand(B, device=device)
+        else:
+            t = torch.sigmoid(torch.randn(B, device=device))  # logit-normal
         eps = torch.randn_like(latents)
         x_t = t.view(B, 1, 1, 1, 1) * eps + (1 - t.view(B, 1, 1, 1, 1)) * latents
         is_prefix = (torch.arange(T, device=device) < prefix[:, None]).view(B, 1, T, 1, 1)

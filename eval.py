@@ -7,6 +7,7 @@ Paper: §4.1 ("Evaluation metrics": rFVD, gFVD and a classification score for ge
     python eval.py adherence samples/                      # sample-NN-<class or prompt>.mp4 written by sample.py
     python eval.py recon --tok-ckpt runs/tok/ckpt-0002000.pt --data out/synthetic --num 32 [--i3d-ckpt I3D]
     python eval.py codes --tok-ckpt runs/tok/ckpt-0002000.pt --data out/synthetic   # FSQ codebook usage
+    python eval.py flow --tok-ckpt runs/tok/ckpt-0002000.pt --data out/synthetic    # does the decoder read its tokens?
     python eval.py gfvd --real out/synthetic --fake samples/ --i3d-ckpt i3d_pretrained_400.pt
 
 Adherence. The paper scores generated Kinetics videos with a video classifier. On the synthetic data a
@@ -287,6 +288,37 @@ def codebook_usage(tokenizer, vae, videos, positions: int = 4) -> dict:
             "saturated": (1 - torch.tanh(z) ** 2 < 0.05).float().mean().item()}
 
 
+@torch.no_grad()
+def token_reliance(tokenizer, vae, videos, ts=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0), generator=None) -> dict:
+    """{t: {"tokens": loss, "null": loss}}: the decoder's flow loss at fixed noise levels t over `videos`
+    (an iterable of batches), given all K tokens of every frame and given none (the null condition).
+
+    This is the check to run when reconstructions look like the data's average: near t = 1 the noisy
+    input holds almost nothing, so a decoder that reads its tokens has a clearly lower loss with them than
+    without, and one that ignores them (the encoder not yet trained into it) has the two columns equal.
+    At low t the input itself gives the answer away and the columns meet."""
+    dec, K = tokenizer.decoder, tokenizer.cfg.registers
+    sums = {t: {"tokens": 0.0, "null": 0.0} for t in ts}
+    clips = 0
+    for batch in videos:
+        x = vae.encode(batch)
+        codes, _ = tokenizer.encoder(x)
+        B = len(x)
+        keep = torch.full((B,), K, device=x.device)
+        registers = {"tokens": dec.embed_registers(codes, keep),
+                     "null": dec.embed_registers(codes, keep, null=torch.ones(B, dtype=torch.bool, device=x.device))}
+        for t in ts:
+            eps = torch.randn(x.shape, generator=generator, device=x.device)
+            x_t = t * eps + (1 - t) * x
+            for name, r in registers.items():
+                v = dec(x_t, torch.full((B,), t, device=x.device), r)
+                sums[t][name] += (v.float() - (eps - x).float()).pow(2).mean().item() * B
+        clips += B
+    if not clips:
+        raise ValueError("no videos to evaluate")
+    return {t: {name: total / clips for name, total in pair.items()} for t, pair in sums.items()}
+
+
 def rfvd(tokenizer, vae, videos, k: int, i3d, steps: int = 25, generator=None) -> float:
     """rFVD of a set of real clips against their reconstructions from k tokens per latent frame."""
     return reconstruction_metrics(tokenizer, vae, videos, [k], steps, generator, i3d)[k]["rfvd"]
@@ -333,7 +365,8 @@ def parse_args(argv=None):
                                             "sample-00-a_red_circle_moving_left.mp4 (searched recursively)")
     rec = commands.add_parser("recon", help="PSNR per token budget and, with --i3d-ckpt, rFVD of reconstructions")
     codes = commands.add_parser("codes", help="FSQ codebook usage of a tokenizer: distinct ids, saturation")
-    for sub in (rec, codes):
+    flow = commands.add_parser("flow", help="the decoder's flow loss per noise level, with its tokens and without")
+    for sub in (rec, codes, flow):
         sub.add_argument("--tok-ckpt", type=Path, required=True,
                          help="tokenizer checkpoint (train_tok.py, or an official model.safetensors)")
         sub.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data")
@@ -342,7 +375,8 @@ def parse_args(argv=None):
         sub.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
         sub.add_argument("--num", type=int, default=32, help="clips evaluated (the first ones of the folder)")
     rec.add_argument("--steps", type=int, default=25, help="Euler steps of the flow decoder")
-    rec.add_argument("--seed", type=int, default=0)
+    for sub in (rec, flow):
+        sub.add_argument("--seed", type=int, default=0)
     gen = commands.add_parser("gfvd", help="FVD of a folder of generated videos against a real video folder")
     gen.add_argument("--real", type=Path, required=True, help="real video folder (e.g. the training data)")
     gen.add_argument("--fake", type=Path, required=True, help="folder of generated mp4s (sample.py --out)")
@@ -350,7 +384,7 @@ def parse_args(argv=None):
     gen.add_argument("--size", type=int, default=None, help="side in pixels; default: the generated videos' size")
     for sub in (rec, gen):
         sub.add_argument("--i3d-ckpt", type=Path, default=None, help="Kinetics-400 I3D weights, i3d_pretrained_400.pt (see fvd.py)")
-    for sub in (rec, codes, gen):
+    for sub in (rec, codes, flow, gen):
         sub.add_argument("--frames", type=int, default=17)
         sub.add_argument("--fps", type=float, default=4.0)
         sub.add_argument("--batch-size", type=int, default=8)
@@ -380,7 +414,7 @@ def run_adherence(args) -> dict:
 
 
 def load_tokenizer_and_clips(args, device):
-    """recon and codes: the tokenizer, its VAE, and batches of clips at the tokenizer's trained size."""
+    """recon, codes and flow: the tokenizer, its VAE, and batches of clips at the tokenizer's trained size."""
     from tokenizer import VideoFlexTok
     from vae import load_vae
 
@@ -402,6 +436,17 @@ def run_codes(args) -> dict:
     print(f"  all tokens: {usage['distinct']} distinct ids")
     print(f"  FSQ inputs with tanh saturated (derivative < 0.05): {100 * usage['saturated']:.1f}%")
     return usage
+
+
+def run_flow(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok, vae, batches = load_tokenizer_and_clips(args, device)
+    losses = token_reliance(tok, vae, batches, generator=torch.Generator(device).manual_seed(args.seed))
+    print("noise level t  flow loss with all tokens  with none (null condition)")
+    for t, pair in losses.items():
+        print(f"{t:13.1f}  {pair['tokens']:25.4f}  {pair['null']:.4f}")
+    print("a decoder that reads its tokens has the first column clearly below the second near t = 1")
+    return losses
 
 
 def run_recon(args) -> dict:
@@ -437,7 +482,8 @@ def run_gfvd(args) -> float:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return {"adherence": run_adherence, "recon": run_recon, "codes": run_codes, "gfvd": run_gfvd}[args.command](args)
+        return {"adherence": run_adherence, "recon": run_recon, "codes": run_codes, "flow": run_flow,
+                "gfvd": run_gfvd}[args.command](args)
     except (ValueError, FileNotFoundError, BadVideo) as err:
         raise SystemExit(f"eval.py: error: {err}") from err
 

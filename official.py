@@ -518,16 +518,17 @@ class Reader:
         self.done(c, "pipeline")
 
     def noise(self, c):
-        """The training noise module: only its clean-prefix noise maps onto a config field."""
+        """The training noise module: its t distribution and clean-prefix noise map onto config fields."""
         if not c:
             return
         where = "flow_matching_noise_module"
         for key in ("clean_images_read_key", "noised_images_write_key", "timesteps_write_key", "sigmas_write_key",
                     "noise_write_key", "noise_read_key", "loss_mask_write_key", "prefix_len_write_key"):
             c.pop(key, None)
-        self.training(c, "ln", True, where, "logit-normal t")
+        if not c.pop("ln", True):
+            self.fields["time_sampling"] = "uniform"
         self.training(c, "stratisfied", False, where, "unstratified t")
-        self.training(c, "mode_scale", 0.0, where, "logit-normal t")
+        self.training(c, "mode_scale", 0.0, where, "unscaled t")
         low, high = c.pop("cond_sigma_range", (0.0, 0.02))
         self.fields["prefix_noise"] = high
         if low != 0.0:

@@ -47,6 +47,8 @@ class TokenizerConfig:
     dec_mask: str = "time_causal"  # "full" in the decoder fine-tuning stage
     nested_dropout: str = "pow2"   # or "uniform"
     null_cond_prob: float = 0.1    # whole-register dropout, for classifier-free guidance
+    time_sampling: str = "logit_normal"  # training noise levels t: "logit_normal" (SD3, the official
+                                   # default) or "uniform" (the official ln=False: 7x more clips at t < 0.1)
     prefix_noise: float = 0.02     # max noise level of a clean conditioning frame (official value)
     repa_dim: int = 1024           # DINOv2-L width; 0 removes the REPA head
     repa_depth: int = 2

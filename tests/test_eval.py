@@ -178,3 +178,38 @@ def test_codebook_usage_tells_a_collapsed_encoder_from_a_healthy_one(tmp_path, c
     usage = ev.main(["codes", "--tok-ckpt", str(ckpt), "--data", str(root), "--frames", "9", "--num", "3"])
     assert usage["clips"] == 3
     assert "FSQ inputs with tanh saturated" in capsys.readouterr().out
+
+
+def test_token_reliance_tells_a_decoder_that_ignores_its_tokens(tmp_path, capsys):
+    tok, vae = tiny_tokenizer(), PixelVAE()
+    with torch.no_grad():   # every weight random, so the encoder's codes differ from clip to clip
+        for p in tok.parameters():
+            p.normal_(0, 0.2)
+    videos = torch.rand(4, 3, 9, 8, 8) * 2 - 1
+    losses = ev.token_reliance(tok, vae, [videos[:1], videos[1:]], ts=(0.5, 1.0), generator=torch.Generator())
+    assert list(losses) == [0.5, 1.0] and all(set(pair) == {"tokens", "null"} for pair in losses.values())
+    assert losses[1.0]["tokens"] != pytest.approx(losses[1.0]["null"], rel=1e-3)
+    # One batch at t = 1: exactly the flow loss computed by hand.
+    x = vae.encode(videos)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    codes, _ = tok.encoder(x)
+    registers = tok.decoder.embed_registers(codes, torch.full((4,), 4))
+    by_hand = (tok.decoder(eps, torch.ones(4), registers) - (eps - x)).pow(2).mean().item()
+    one = ev.token_reliance(tok, vae, [videos], ts=(1.0,), generator=torch.Generator().manual_seed(3))
+    assert one[1.0]["tokens"] == pytest.approx(by_hand, rel=1e-5)
+    # A decoder that cannot see its tokens (codes projected to the null token): the columns are equal.
+    with torch.no_grad():
+        tok.decoder.from_codes.weight.zero_()
+        tok.decoder.from_codes.bias.zero_()
+        tok.decoder.register_pos.axes[0].zero_()
+        tok.decoder.register_pos.axes[1].zero_()
+        tok.decoder.null_token.zero_()
+    blind = ev.token_reliance(tok, vae, [videos], ts=(1.0,), generator=torch.Generator().manual_seed(3))
+    assert blind[1.0]["tokens"] == pytest.approx(blind[1.0]["null"], rel=1e-6)
+    # The command line.
+    ckpt = tmp_path / "tok.pt"
+    torch.save({"config": dataclasses.asdict(tok.cfg), "model": tok.state_dict(), "ema": None}, ckpt)
+    root = data.make_synthetic(tmp_path / "clips", num=2, size=8, frames=9, fps=4.0)
+    result = ev.main(["flow", "--tok-ckpt", str(ckpt), "--data", str(root), "--frames", "9", "--num", "2"])
+    assert set(result) == {0.1, 0.3, 0.5, 0.7, 0.9, 1.0}
+    assert "with none (null condition)" in capsys.readouterr().out

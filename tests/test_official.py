@@ -262,9 +262,12 @@ def test_config_choices_become_config_fields(tmp_path):
     config["decoder"]["module_dict"] = d = {k: d[k] for k in order}
     d["dec_patches_posemb_module"]["posemb_type"] = "learnable_prod"
     config["encoder"]["module_dict"]["enc_posemb_module"]["posemb_type"] = "learnable_prod"
+    config["flow_matching_noise_module"]["ln"] = False   # uniform training t
     path, _ = write_official(tmp_path / "m.safetensors", config)
     cfg = official.config_from_file(path)[0]
     assert cfg.register_masks == ("prefix", "null", "nested") and cfg.time_scale == 1.0
+    assert cfg.time_sampling == "uniform" and official.config_from_file(write_official(
+        tmp_path / "ln.safetensors", official_config())[0])[0].time_sampling == "logit_normal"
     assert cfg.dec_mask == "full" and cfg.pos_embedding == "learnable_prod" and cfg.repa_dim == 0
     # The REPA head reads the decoder under another mask than ours would: dropping it is fine, keeping it is not.
     with pytest.raises(official.Unsupported, match="keep_repa=False"):

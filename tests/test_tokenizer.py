@@ -160,6 +160,24 @@ def test_training_losses_and_gradients():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("sampling, low_share", [("logit_normal", 0.014), ("uniform", 0.10)])
+def test_training_noise_levels(sampling, low_share):
+    """The decoder's training t: logit-normal puts 1.4% of clips at t < 0.1, uniform 10%."""
+    cfg = small_config(time_sampling=sampling, latent_size=4, max_frames=1, registers=2, repa_dim=0)
+    model = random_model(cfg).train()
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(latents(B=20000, T=1, size=4))
+    t = seen[0]
+    assert t.shape == (20000,) and 0 < t.min() and t.max() < 1
+    assert abs((t < 0.1).float().mean().item() - low_share) < 0.005
+    assert abs(t.median().item() - 0.5) < 0.01
+    with pytest.raises(ValueError, match="time_sampling must be"):
+        VideoFlexTok(small_config(time_sampling="normal"))
+
+
 def test_prefix_frames_are_left_out_of_the_flow_loss():
     """With every frame but the last given clean, changing the clean frames' target-side content
     changes the loss only through the network's input, never through the loss mask."""

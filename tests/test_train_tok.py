@@ -62,7 +62,8 @@ def test_resume_reproduces_an_uninterrupted_run(videos, tmp_path):
 
 
 def test_validation_logs_psnr_per_token_budget_and_writes_sheets(videos, tmp_path):
-    run(videos, tmp_path, "--steps", "2", "--ckpt-every", "100", "--val-every", "2")
+    run(videos, tmp_path, "--steps", "2", "--ckpt-every", "100", "--val-every", "2", "--time-sampling", "uniform")
+    assert json.loads((tmp_path / "config.json").read_text())["tokenizer"]["time_sampling"] == "uniform"
     val = [r for r in read_log(tmp_path) if "val_psnr" in r]
     assert len(val) == 1 and sorted(int(k) for k in val[0]["val_psnr"]) == [1, 2, 4, 8, 16]
     assert all(0 < v < 100 for v in val[0]["val_psnr"].values())
