@@ -109,6 +109,8 @@ def guide(v_cond, v_uncond, scale, apg=None, running=None):
     return v_cond + (scale - 1) * update, running
 
 
+TIME_SAMPLING = ("logit_normal", "uniform")   # the training noise-level distributions (TokenizerConfig.time_sampling)
+
 # The learned token each register-masking step writes: nested dropout, clean prefix frames, "no tokens" (CFG).
 MASK_TOKENS = {"nested": "mask_token", "prefix": "prefix_token", "null": "null_token"}
 
@@ -122,7 +124,7 @@ class Decoder(nn.Module):
         if sorted(masks) not in (["nested", "null", "prefix"], ["nested", "null"]):
             raise ValueError(f"register_masks must order 'nested', 'null' and optionally 'prefix', each once; "
                              f"got {masks!r}")
-        if cfg.time_sampling not in ("logit_normal", "uniform"):
+        if cfg.time_sampling not in TIME_SAMPLING:
             raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform'; got {cfg.time_sampling!r}")
         self.from_codes = nn.Linear(len(cfg.fsq_levels), dim)
         self.register_pos = AxialPositionEmbedding(dim, cfg.register_pos_sizes, cfg.register_pos_embedding)

@@ -297,16 +297,15 @@ def token_reliance(tokenizer, vae, videos, ts=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0), ge
     input holds almost nothing, so a decoder that reads its tokens has a clearly lower loss with them than
     without, and one that ignores them (the encoder not yet trained into it) has the two columns equal.
     At low t the input itself gives the answer away and the columns meet."""
-    dec, K = tokenizer.decoder, tokenizer.cfg.registers
+    dec = tokenizer.decoder
     sums = {t: {"tokens": 0.0, "null": 0.0} for t in ts}
     clips = 0
     for batch in videos:
         x = vae.encode(batch)
         codes, _ = tokenizer.encoder(x)
         B = len(x)
-        keep = torch.full((B,), K, device=x.device)
-        registers = {"tokens": dec.embed_registers(codes, keep),
-                     "null": dec.embed_registers(codes, keep, null=torch.ones(B, dtype=torch.bool, device=x.device))}
+        registers = {"tokens": dec.embed_registers(codes),    # no keep_k: every register kept
+                     "null": dec.embed_registers(codes, null=torch.ones(B, dtype=torch.bool, device=x.device))}
         for t in ts:
             eps = torch.randn(x.shape, generator=generator, device=x.device)
             x_t = t * eps + (1 - t) * x

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from checkpoint import torch_load
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
-from decoder import token_budgets
+from decoder import TIME_SAMPLING, token_budgets
 from dino import load_dinov2, repa_targets
 from eval import psnr
 from tokenizer import TokenizerConfig, VideoFlexTok
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--init", type=Path, default=None, help="stage 2: the stage-1 checkpoint to start from")
     p.add_argument("--dino-ckpt", type=Path, default=None, help="DINOv2 weights for REPA; REPA is off without them")
     p.add_argument("--repa-weight", type=float, default=0.5)
-    p.add_argument("--time-sampling", default=None, choices=["logit_normal", "uniform"],
+    p.add_argument("--time-sampling", default=None, choices=TIME_SAMPLING,
                    help="training noise levels t; default: the preset's (logit_normal, as the paper)")
     p.add_argument("--cache", type=Path, default=None, help="encode the clips once (VAE latents, DINOv2 targets) into this directory and train from it")
     p.add_argument("--val-every", type=int, default=500)
@@ -74,9 +74,8 @@ def build_config(args, dino, vae, init):
                              f"gives {latent_frames}: use the stage-1 --frames")
     else:
         cfg = TokenizerConfig.preset(args.preset, max_frames=latent_frames)
-    if args.time_sampling:
-        cfg = dataclasses.replace(cfg, time_sampling=args.time_sampling)
     return dataclasses.replace(cfg, repa_weight=args.repa_weight,
+                               time_sampling=args.time_sampling or cfg.time_sampling,
                                repa_dim=dino.cfg.dim if dino is not None else 0,
                                dec_mask="full" if args.stage == 2 else cfg.dec_mask)
 
