@@ -217,7 +217,8 @@ def peak_tflops(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 
 def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
     """Times of every tokenizer training step, warm-up included, as train_tok.py runs it: forward under autocast,
-    backward, gradient clipping, AdamW (fused on CUDA), EMA. Returns (cfg, batch, all times, host syncs per step)."""
+    backward, gradient clipping, AdamW (fused on CUDA), EMA. Returns (cfg, batch, all times, host syncs per step,
+    peak CUDA memory: weights, optimizer state and EMA included)."""
     from tokenizer import VideoFlexTok
     from trainer import compile_blocks, make_ema, make_optimizer, optimizer_step, update_ema
     from transformer import Block
@@ -242,14 +243,17 @@ def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
         optimizer_step(opt, params, losses["loss"], 1e-4, 1.0)
         update_ema(ema, model, 0.999, 1000)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = [timed(step, device) for _ in range(args.warmup + args.runs)]
-    return cfg, batch, times, host_syncs(step, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return cfg, batch, times, host_syncs(step, device), peak
 
 
 def _tok_step_row(args, preset, compiled, eager_seconds=None) -> float:
     """Measure and print one tokenizer-step row, compared with `eager_seconds` if given; returns the median."""
     device, dtype, reduced = setup(args)
-    cfg, batch, times, syncs = _tok_step_run(args, preset, compiled)
+    cfg, batch, times, syncs, peak_bytes = _tok_step_run(args, preset, compiled)
     timed_runs = times[args.warmup:]
     seconds = statistics.median(timed_runs)
     T, side = cfg.max_frames, cfg.latent_size
@@ -258,13 +262,14 @@ def _tok_step_row(args, preset, compiled, eager_seconds=None) -> float:
     peak = peak_tflops(args, device, dtype)
     mfu = f"MFU {flops / seconds / (peak * 1e12):.1%}" if peak else "MFU n/a (no peak FLOP/s: --peak-tflops)"
     sync = "n/a" if syncs is None else syncs
+    memory = "peak n/a" if peak_bytes is None else f"peak {peak_bytes / 2**30:.1f} GiB (weights, AdamW, EMA too)"
     versus = (f"; {eager_seconds / seconds:.2f}x the speed of eager, first step {times[0]:.1f} s (compiling)"
               if eager_seconds else "")
     mode = f"compiled blocks ({args.backend})" if compiled else "eager"
     row(f"tokenizer training step, {mode}", tok_describe(preset, cfg, reduced, batch), device_name(device),
         "float32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast", timed_runs,
         f"{batch / seconds:.2f} clips/s, {batch * tokens / seconds:.0f} tokens/s, "
-        f"{flops / seconds / 1e12:.3f} TFLOP/s, {mfu}, host syncs/step {sync}{versus}")
+        f"{flops / seconds / 1e12:.3f} TFLOP/s, {mfu}, host syncs/step {sync}, {memory}{versus}")
     return seconds
 
 

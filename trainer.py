@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from checkpoint import torch_load
+from transformer import allow_recompiles
 
 
 def add_common_args(p, batch_size, batch_unit, ema):
@@ -99,6 +100,7 @@ def compile_blocks(model, block_type, **options):
     names (checkpoints) stay as they are. Compiling the whole model instead would trace through the
     per-shape mask cache (Dynamo ignores functools.lru_cache) and rebuild the masks in every step.
     """
+    allow_recompiles()
     for module in model.modules():
         if isinstance(module, block_type):
             module.compile(dynamic=False, **options)
