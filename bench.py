@@ -322,7 +322,7 @@ def bench_attention(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import flex_attention
 
-    from transformer import HEAD_DIM, Layout, _compiled_flex, attention_mask, dense_mask
+    from transformer import HEAD_DIM, Layout, _compiled_flex, block_mask, dense_mask
 
     device, dtype, reduced = setup(args)
     shapes = {}  # (mask kind, layout, heads, batch) -> the presets' parts that use it
@@ -338,9 +338,9 @@ def bench_attention(args: argparse.Namespace) -> None:
     flex = _compiled_flex() if device.type == "cuda" else flex_attention
     for (kind, layout, heads, batch), users in shapes.items():
         S = layout.length
-        block_mask = attention_mask(kind, layout, str(device), "flex")
+        blocks = block_mask(kind, layout, device)  # for "full" too, which the model runs as unmasked SDPA
         flex_name = f"FlexAttention, block mask ({'compiled' if device.type == 'cuda' else 'eager'})"
-        masks = {flex_name: block_mask, "SDPA, dense mask": dense_mask(kind, layout, device), "SDPA, no mask": None}
+        masks = {flex_name: blocks, "SDPA, dense mask": dense_mask(kind, layout, device), "SDPA, no mask": None}
         q, k, v = (torch.randn(batch, heads, S, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         grad = torch.randn_like(q)
@@ -352,11 +352,11 @@ def bench_attention(args: argparse.Namespace) -> None:
             inputs = (q, k, v) if backward else (q.detach(), k.detach(), v.detach())
             times = {}
             for name, mask in masks.items():
-                if backward and device.type == "cpu" and mask is block_mask:
+                if backward and device.type == "cpu" and mask is blocks:
                     continue
 
                 def run(mask=mask):
-                    if mask is block_mask:
+                    if mask is blocks:
                         out = flex(*inputs, block_mask=mask)
                     else:
                         out = F.scaled_dot_product_attention(*inputs, attn_mask=mask)
