@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# The GPU rows of BENCHMARKS.md in one command: every benchmark of bench.py at the real size, bf16, on one CUDA
-# GPU (written for an H100 80GB), in under 10 minutes of wall time.
+# The GPU rows of BENCHMARKS.md: every benchmark of bench.py at the real size, bf16, on one CUDA GPU (written for an
+# H100 80GB), in two parts of under 10 minutes each, the longest command a lent GPU machine runs here:
 #
-#   bash bench_gpu.sh [OUT]     # OUT: the Markdown tables (default bench-gpu.md); warnings go to OUT.log
+#   bash bench_gpu.sh [OUT] [train|rest]   # OUT: the Markdown tables, appended (default bench-gpu.md); warnings go to OUT.log
+#                                          # train: tok-step, compile, attention, decode; rest: VAE, AR, data
+#                                          # (default: both, about 16 minutes)
 #
-# Each benchmark runs under its own time limit, and the limits add up to 580 s, so a benchmark that compiles for
-# too long or hangs costs only its own rows, and a line says which one stopped. The limits were set before any GPU
-# run (none was lent when this was written): adjust them to what the first run shows. Paste the tables into
-# BENCHMARKS.md with the machine line printed at the top.
+# Each benchmark runs under its own time limit, so one that compiles for too long or hangs costs only its own rows,
+# and a line says which one stopped. The limits come from the H100 runs of 2026-11-22 (BENCHMARKS.md), where
+# tok-step and attention took about 150 s together, AR at 1280 tokens about 40 s per generation, and a DataLoader
+# worker several seconds to start. Paste the tables into BENCHMARKS.md with the machine line printed at the top.
 #
 # Python: $PYTHON, default python3. It needs torch with CUDA, numpy and tqdm. `data` also needs PyAV and `vae`
 # (the comparison with diffusers) needs diffusers; each is skipped with a line when missing. The lent GPU machines
-# reach no package index and have no PyAV: carry its wheel (35 MB). Once, here:
+# reach no package index: carry the wheels (41 MB). Once, here:
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl av
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl av diffusers importlib_metadata
 # then run there, carrying .whl:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; bash bench_gpu.sh $OUT/bench-gpu.md
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#   bash bench_gpu.sh $OUT/bench-gpu.md train
 set -u
 out=${1:-bench-gpu.md}
+part=${2:-all}
+case $part in train | rest | all) ;; *) echo "part must be train, rest or all; got $part" >&2; exit 2 ;; esac
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-: >"$out.log"
+: >>"$out.log"
 
 run() {  # seconds name [options...]: one benchmark's table, or a line saying why there is none
   local limit=$1 name=$2
@@ -40,12 +46,16 @@ has() { "$py" -c "import $1" 2>/dev/null; }
 {
   echo "Machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)," \
     "$(getconf _NPROCESSORS_ONLN) CPU cores, torch $("$py" -c 'import torch; print(torch.__version__)'), $(date -u '+%Y-%m-%d %H:%M UTC')"
-  run 140 tok-step
-  run 100 compile
-  run 90 attention
-  run 60 decode
-  run 40 vae-memory
-  run 100 ar --runs 1
-  if has av; then run 40 data --workers 0 1 4 8; else echo; echo "data: not measured (PyAV missing)"; fi
-  if has diffusers; then run 10 vae; else echo; echo "vae: not measured (diffusers missing)"; fi
-} | tee "$out"
+  if [ "$part" != rest ]; then
+    run 150 tok-step
+    run 110 compile
+    run 150 attention
+    run 80 decode
+  fi
+  if [ "$part" != train ]; then
+    run 60 vae-memory
+    if has diffusers; then run 60 vae; else echo; echo "vae: not measured (diffusers missing)"; fi
+    run 280 ar --runs 1
+    if has av; then run 150 data --workers 0 1 4 8; else echo; echo "data: not measured (PyAV missing)"; fi
+  fi
+} | tee -a "$out"
