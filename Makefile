@@ -45,7 +45,7 @@ demo: setup
 	  $(PY) sample.py --ar-ckpt $(DEMO)/ar-class/ckpt-0000250.pt --class blue_square_up --num-samples 8 --tokens-per-frame $$k $(CLIP) --out $(DEMO)/class-k$$k || exit 1; \
 	done
 	$(PY) eval.py codes --tok-ckpt $(DEMO_TOK) --data $(DEMO)/data $(CLIP) --num 96
-	$(PY) eval.py flow --tok-ckpt $(DEMO_TOK) --data $(DEMO)/data $(CLIP) --num 32
+	$(PY) eval.py flow --tok-ckpt $(DEMO_TOK) --data $(DEMO)/data $(CLIP) --num 32 --sheet $(DEMO)/one-step.png
 	$(PY) sample.py --tok-ckpt $(DEMO_TOK) --reconstruct $(DEMO)/heldout/red_circle_left/red_circle_left_00000.mp4 $(CLIP) --out $(DEMO)/reconstruct
 	for d in $(DEMO)/text-k* $(DEMO)/class-k*; do echo "== $$d"; $(PY) eval.py adherence $$d | tail -5 || exit 1; done
 

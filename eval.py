@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import COLORS, MOTIONS, SHAPES, BadVideo, VideoFolder, probe, read_video, synthetic_data
+from data import (COLORS, MOTIONS, SHAPES, BadVideo, VideoFolder, probe, read_video, synthetic_data, to_uint8,
+                  write_png_grid)
 from decoder import token_budgets
 
 # Detector constants, set from measurements on data.make_synthetic videos (32 and 64 px, see `measure`).
@@ -318,6 +319,24 @@ def token_reliance(tokenizer, vae, videos, ts=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0), ge
     return {t: {name: total / clips for name, total in pair.items()} for t, pair in sums.items()}
 
 
+@torch.no_grad()
+def one_step_predictions(tokenizer, vae, videos, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's one-step prediction of clean clips from pure noise (t = 1, x_0 = x_t - v), given all K tokens
+    of every frame and given none: two pixel batches shaped like `videos` (B, 3, T, H, W).
+
+    At t = 1 the input is noise alone, so the prediction is the average clip the decoder expects from what it is
+    given. Whatever it draws from the tokens and not from the null condition, the tokens carry: a decoder and
+    encoder that work draw the clip's shape in place; early in training only the background appears."""
+    dec = tokenizer.decoder
+    x = vae.encode(videos)
+    codes, _ = tokenizer.encoder(x)
+    B = len(x)
+    eps = torch.randn(x.shape, generator=generator, device=x.device)
+    t = torch.ones(B, device=x.device)
+    return tuple(vae.decode(eps - dec(eps, t, dec.embed_registers(codes, null=torch.full((B,), null, device=x.device))))
+                 for null in (False, True))
+
+
 def rfvd(tokenizer, vae, videos, k: int, i3d, steps: int = 25, generator=None) -> float:
     """rFVD of a set of real clips against their reconstructions from k tokens per latent frame."""
     return reconstruction_metrics(tokenizer, vae, videos, [k], steps, generator, i3d)[k]["rfvd"]
@@ -376,6 +395,9 @@ def parse_args(argv=None):
     rec.add_argument("--steps", type=int, default=25, help="Euler steps of the flow decoder")
     for sub in (rec, flow):
         sub.add_argument("--seed", type=int, default=0)
+    flow.add_argument("--sheet", type=Path, default=None,
+                      help="also write a PNG: the first 4 clips and the decoder's one-step predictions of them from "
+                           "pure noise, with their tokens and without (what the tokens carry)")
     gen = commands.add_parser("gfvd", help="FVD of a folder of generated videos against a real video folder")
     gen.add_argument("--real", type=Path, required=True, help="real video folder (e.g. the training data)")
     gen.add_argument("--fake", type=Path, required=True, help="folder of generated mp4s (sample.py --out)")
@@ -440,11 +462,18 @@ def run_codes(args) -> dict:
 def run_flow(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok, vae, batches = load_tokenizer_and_clips(args, device)
+    batches = list(batches)
     losses = token_reliance(tok, vae, batches, generator=torch.Generator(device).manual_seed(args.seed))
     print("noise level t  flow loss with all tokens  with none (null condition)")
     for t, pair in losses.items():
         print(f"{t:13.1f}  {pair['tokens']:25.4f}  {pair['null']:.4f}")
     print("a decoder that reads its tokens has the first column clearly below the second near t = 1")
+    if args.sheet:
+        clips = batches[0][:4]
+        tokens, null = one_step_predictions(tok, vae, clips, torch.Generator(device).manual_seed(args.seed))
+        rows = [to_uint8(v) for clip in zip(clips, tokens, null) for v in clip]
+        print(f"wrote {write_png_grid(args.sheet, np.stack(rows))}: per clip, rows = the clip, the one-step "
+              "prediction at t = 1 from its tokens, and from none")
     return losses
 
 

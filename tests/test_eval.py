@@ -210,6 +210,25 @@ def test_token_reliance_tells_a_decoder_that_ignores_its_tokens(tmp_path, capsys
     ckpt = tmp_path / "tok.pt"
     torch.save({"config": dataclasses.asdict(tok.cfg), "model": tok.state_dict(), "ema": None}, ckpt)
     root = data.make_synthetic(tmp_path / "clips", num=2, size=8, frames=9, fps=4.0)
-    result = ev.main(["flow", "--tok-ckpt", str(ckpt), "--data", str(root), "--frames", "9", "--num", "2"])
+    sheet = tmp_path / "one-step.png"
+    result = ev.main(["flow", "--tok-ckpt", str(ckpt), "--data", str(root), "--frames", "9", "--num", "2",
+                      "--sheet", str(sheet)])
     assert set(result) == {0.1, 0.3, 0.5, 0.7, 0.9, 1.0}
     assert "with none (null condition)" in capsys.readouterr().out
+    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_step_predictions_are_the_flow_estimate_of_the_clean_clip():
+    """x_0 = x_t - t v at t = 1, with the tokens and with the null condition; a blind decoder draws the same."""
+    tok, vae = tiny_tokenizer(), PixelVAE()
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0, 0.2)
+    videos = torch.rand(2, 3, 9, 8, 8) * 2 - 1
+    tokens, null = ev.one_step_predictions(tok, vae, videos, torch.Generator().manual_seed(0))
+    assert tokens.shape == null.shape == videos.shape
+    eps = torch.randn(videos.shape, generator=torch.Generator().manual_seed(0))
+    codes, _ = tok.encoder(videos)
+    by_hand = eps - tok.decoder(eps, torch.ones(2), tok.decoder.embed_registers(codes))
+    assert torch.allclose(tokens, by_hand, atol=1e-6)
+    assert not torch.allclose(tokens, null, atol=1e-3)
