@@ -333,8 +333,11 @@ def one_step_predictions(tokenizer, vae, videos, generator=None) -> tuple[torch.
     B = len(x)
     eps = torch.randn(x.shape, generator=generator, device=x.device)
     t = torch.ones(B, device=x.device)
-    return tuple(vae.decode(eps - dec(eps, t, dec.embed_registers(codes, null=torch.full((B,), null, device=x.device))))
-                 for null in (False, True))
+    predictions = []
+    for null in (False, True):
+        registers = dec.embed_registers(codes, null=torch.full((B,), null, device=x.device))
+        predictions.append(vae.decode(eps - dec(eps, t, registers)))   # x_0 = x_t - t v, with x_t = eps at t = 1
+    return tuple(predictions)
 
 
 def rfvd(tokenizer, vae, videos, k: int, i3d, steps: int = 25, generator=None) -> float:
