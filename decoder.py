@@ -125,7 +125,7 @@ class Decoder(nn.Module):
             raise ValueError(f"register_masks must order 'nested', 'null' and optionally 'prefix', each once; "
                              f"got {masks!r}")
         if cfg.time_sampling not in TIME_SAMPLING:
-            raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform'; got {cfg.time_sampling!r}")
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}; got {cfg.time_sampling!r}")
         self.from_codes = nn.Linear(len(cfg.fsq_levels), dim)
         self.register_pos = AxialPositionEmbedding(dim, cfg.register_pos_sizes, cfg.register_pos_embedding)
         for step in masks:

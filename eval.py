@@ -289,6 +289,12 @@ def codebook_usage(tokenizer, vae, videos, positions: int = 4) -> dict:
             "saturated": (1 - torch.tanh(z) ** 2 < 0.05).float().mean().item()}
 
 
+def token_and_null_registers(decoder, codes) -> dict:
+    """{"tokens", "null"}: the decoder's register tokens for `codes` with every token kept, and with none."""
+    none = torch.ones(len(codes), dtype=torch.bool, device=codes.device)
+    return {"tokens": decoder.embed_registers(codes), "null": decoder.embed_registers(codes, null=none)}
+
+
 @torch.no_grad()
 def token_reliance(tokenizer, vae, videos, ts=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0), generator=None) -> dict:
     """{t: {"tokens": loss, "null": loss}}: the decoder's flow loss at fixed noise levels t over `videos`
@@ -305,8 +311,7 @@ def token_reliance(tokenizer, vae, videos, ts=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0), ge
         x = vae.encode(batch)
         codes, _ = tokenizer.encoder(x)
         B = len(x)
-        registers = {"tokens": dec.embed_registers(codes),    # no keep_k: every register kept
-                     "null": dec.embed_registers(codes, null=torch.ones(B, dtype=torch.bool, device=x.device))}
+        registers = token_and_null_registers(dec, codes)
         for t in ts:
             eps = torch.randn(x.shape, generator=generator, device=x.device)
             x_t = t * eps + (1 - t) * x
@@ -330,14 +335,10 @@ def one_step_predictions(tokenizer, vae, videos, generator=None) -> tuple[torch.
     dec = tokenizer.decoder
     x = vae.encode(videos)
     codes, _ = tokenizer.encoder(x)
-    B = len(x)
     eps = torch.randn(x.shape, generator=generator, device=x.device)
-    t = torch.ones(B, device=x.device)
-    predictions = []
-    for null in (False, True):
-        registers = dec.embed_registers(codes, null=torch.full((B,), null, device=x.device))
-        predictions.append(vae.decode(eps - dec(eps, t, registers)))   # x_0 = x_t - t v, with x_t = eps at t = 1
-    return tuple(predictions)
+    t = torch.ones(len(x), device=x.device)
+    # x_0 = x_t - t v, with x_t = eps at t = 1
+    return tuple(vae.decode(eps - dec(eps, t, r)) for r in token_and_null_registers(dec, codes).values())
 
 
 def rfvd(tokenizer, vae, videos, k: int, i3d, steps: int = 25, generator=None) -> float:
