@@ -502,13 +502,13 @@ MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}   # 
 SYNTHETIC_CLASSES = [f"{c}_{s}_{m}" for c in COLORS for s in SHAPES for m in MOTIONS]   # 48 classes
 
 
-def render_shapes(color: str, shape: str, motion: str, rng: np.random.Generator, size: int = 64,
-                  frames: int = 40, fps: float = 8.0) -> np.ndarray:
-    """One synthetic video, uint8 (frames, size, size, 3): a shape of `color` crossing a grey background.
+def synthetic_scene(color: str, shape: str, motion: str, rng: np.random.Generator, size: int = 64,
+                    frames: int = 40, fps: float = 8.0) -> dict:
+    """The random parameters of one synthetic video (render_scene draws it).
 
-    Random per video: shape size (half-width 10-16% of the frame), speed (8-13% of the frame per second), start
+    Random per video: shape size (half-width r, 10-16% of the frame), speed (8-13% of the frame per second), start
     position (the shape stays fully inside the frame), a +-15 colour jitter, and the background's grey level, tint
-    and gradient. Shapes are anti-aliased by their pixel coverage, from a signed distance."""
+    and gradient. `centres` (frames, 2) holds the shape's (x, y) in pixels in every frame."""
     r = rng.uniform(0.10, 0.16) * size
     travel = rng.uniform(0.08, 0.13) * size * (frames - 1) / fps
     travel = min(travel, size - 2 * r - 1)         # long videos: slow down rather than leave the frame
@@ -517,20 +517,34 @@ def render_shapes(color: str, shape: str, motion: str, rng: np.random.Generator,
     across = rng.uniform(r, size - r)
     x0, y0 = (along, across) if dx else (across, along)
     rgb = np.clip(np.array(COLORS[color]) + rng.integers(-15, 16, 3), 0, 255)
-
     grey = rng.uniform(70, 170) + rng.uniform(-12, 12, 3)
     angle = rng.uniform(0, 2 * np.pi)
-    ys, xs = np.mgrid[0:size, 0:size] + 0.5       # pixel centres
-    ramp = ((xs - size / 2) * np.cos(angle) + (ys - size / 2) * np.sin(angle)) / size
-    background = grey + rng.uniform(-30, 30) * ramp[..., None]
+    ramp = rng.uniform(-30, 30)
+    step = travel * np.arange(frames) / max(frames - 1, 1)
+    centres = np.stack([x0 + dx * step, y0 + dy * step], axis=1)
+    return dict(color=color, shape=shape, r=r, rgb=rgb, grey=grey, angle=angle, ramp=ramp, centres=centres, size=size)
 
-    out = np.empty((frames, size, size, 3), np.uint8)
-    for t in range(frames):
-        step = travel * t / max(frames - 1, 1)
-        px, py = xs - (x0 + dx * step), ys - (y0 + dy * step)
-        alpha = np.clip(0.5 - _sdf(shape, px, py, r), 0, 1)[..., None]
-        out[t] = np.clip(background * (1 - alpha) + rgb * alpha + 0.5, 0, 255).astype(np.uint8)
+
+def render_scene(scene: dict) -> np.ndarray:
+    """A synthetic_scene as uint8 (frames, size, size, 3): the shape anti-aliased by its pixel coverage, from a
+    signed distance, over a grey background with a linear gradient."""
+    size = scene["size"]
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5       # pixel centres
+    angle = scene["angle"]
+    ramp = ((xs - size / 2) * np.cos(angle) + (ys - size / 2) * np.sin(angle)) / size
+    background = scene["grey"] + scene["ramp"] * ramp[..., None]
+    out = np.empty((len(scene["centres"]), size, size, 3), np.uint8)
+    for t, (cx, cy) in enumerate(scene["centres"]):
+        alpha = np.clip(0.5 - _sdf(scene["shape"], xs - cx, ys - cy, scene["r"]), 0, 1)[..., None]
+        out[t] = np.clip(background * (1 - alpha) + scene["rgb"] * alpha + 0.5, 0, 255).astype(np.uint8)
     return out
+
+
+def render_shapes(color: str, shape: str, motion: str, rng: np.random.Generator, size: int = 64,
+                  frames: int = 40, fps: float = 8.0) -> np.ndarray:
+    """One synthetic video, uint8 (frames, size, size, 3): a shape of `color` crossing a grey background
+    (synthetic_scene lists what is random)."""
+    return render_scene(synthetic_scene(color, shape, motion, rng, size, frames, fps))
 
 
 def _sdf(shape: str, px: np.ndarray, py: np.ndarray, r: float) -> np.ndarray:

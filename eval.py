@@ -9,6 +9,7 @@ Paper: §4.1 ("Evaluation metrics": rFVD, gFVD and a classification score for ge
     python eval.py codes --tok-ckpt runs/tok/ckpt-0002000.pt --data out/synthetic   # FSQ codebook usage
     python eval.py flow --tok-ckpt runs/tok/ckpt-0002000.pt --data out/synthetic    # does the decoder read its tokens?
     python eval.py gfvd --real out/synthetic --fake samples/ --i3d-ckpt i3d_pretrained_400.pt
+    python eval.py ceiling --frames 9 --steps 8000      # a decoder trained on true scenes: the best tokens' samples
 
 Adherence. The paper scores generated Kinetics videos with a video classifier. On the synthetic data a
 hand-written detector does that job without training anything: every video is one saturated shape on a
@@ -32,6 +33,7 @@ References: Unterthiner et al. 2018 (FVD, via fvd.py).
 """
 import argparse
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,7 @@ import torch
 
 from data import (COLORS, MOTIONS, SHAPES, BadVideo, VideoFolder, probe, read_video, synthetic_data, to_uint8,
                   write_png_grid)
-from decoder import token_budgets
+from decoder import TIME_SAMPLING, token_budgets
 
 # Detector constants, set from measurements on data.make_synthetic videos (32 and 64 px, see `measure`).
 FG_DISTANCE = 40.0        # RGB distance from the background fit that surely is shape: the grey's gradient and
@@ -304,24 +306,32 @@ def token_reliance(tokenizer, vae, videos, ts=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0), ge
     input holds almost nothing, so a decoder that reads its tokens has a clearly lower loss with them than
     without, and one that ignores them (the encoder not yet trained into it) has the two columns equal.
     At low t the input itself gives the answer away and the columns meet."""
-    dec = tokenizer.decoder
     sums = {t: {"tokens": 0.0, "null": 0.0} for t in ts}
     clips = 0
     for batch in videos:
         x = vae.encode(batch)
         codes, _ = tokenizer.encoder(x)
-        B = len(x)
-        registers = token_and_null_registers(dec, codes)
-        for t in ts:
-            eps = torch.randn(x.shape, generator=generator, device=x.device)
-            x_t = t * eps + (1 - t) * x
-            for name, r in registers.items():
-                v = dec(x_t, torch.full((B,), t, device=x.device), r)
-                sums[t][name] += (v.float() - (eps - x).float()).pow(2).mean().item() * B
-        clips += B
+        for t, pair in flow_losses(tokenizer.decoder, x, codes, ts, generator).items():
+            for name, loss in pair.items():
+                sums[t][name] += loss * len(x)
+        clips += len(x)
     if not clips:
         raise ValueError("no videos to evaluate")
     return {t: {name: total / clips for name, total in pair.items()} for t, pair in sums.items()}
+
+
+def flow_losses(decoder, x, codes, ts, generator=None) -> dict:
+    """{t: {"tokens": loss, "null": loss}}: the decoder's mean flow loss on latents x (B, C, T, H, W) at each fixed
+    noise level t, given the FSQ codes (B, T, K, 6) and given the null condition; the same noise for both."""
+    registers = token_and_null_registers(decoder, codes)
+    out = {}
+    for t in ts:
+        eps = torch.randn(x.shape, generator=generator, device=x.device)
+        x_t = t * eps + (1 - t) * x
+        v_t = torch.full((len(x),), t, device=x.device)
+        out[t] = {name: (decoder(x_t, v_t, r).float() - (eps - x).float()).pow(2).mean().item()
+                  for name, r in registers.items()}
+    return out
 
 
 @torch.no_grad()
@@ -339,6 +349,83 @@ def one_step_predictions(tokenizer, vae, videos, generator=None) -> tuple[torch.
     t = torch.ones(len(x), device=x.device)
     # x_0 = x_t - t v, with x_t = eps at t = 1
     return tuple(vae.decode(eps - dec(eps, t, r)) for r in token_and_null_registers(dec, codes).values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decoder's ceiling: trained on the true scene instead of an encoder's tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def scene_codes(scene: dict, registers: int) -> torch.Tensor:
+    """The codes a perfect encoder could give for a data.synthetic_scene, (frames, registers, 6) in [-1, 1].
+
+    Register 0 of frame t holds the shape: its centre in frame t, colour, kind and size; register 1 the background:
+    grey level, tint and gradient. The other registers repeat register 0, so every budget k >= 1 holds the shape."""
+    size, (cx, cy) = scene["size"], np.asarray(scene["centres"], np.float32).T
+    frames = len(cx)
+    grey, tint = scene["grey"].mean(), scene["grey"] - scene["grey"].mean()
+    color = list(COLORS).index(scene["color"])
+    shape_codes = np.stack([cx / size * 2 - 1, cy / size * 2 - 1, np.full(frames, color / 1.5 - 1),
+                            np.full(frames, SHAPES.index(scene["shape"]) - 1.0),
+                            np.full(frames, (scene["r"] / size - 0.13) / 0.03), np.zeros(frames)], axis=1)
+    background = [grey / 100 - 1.2, *(tint / 12), scene["ramp"] / 30 * np.cos(scene["angle"]),
+                  scene["ramp"] / 30 * np.sin(scene["angle"])]
+    codes = np.repeat(shape_codes[:, None], registers, axis=1)
+    if registers > 1:
+        codes[:, 1] = background
+    return torch.from_numpy(codes.astype(np.float32))
+
+
+def decoder_ceiling(cfg, steps: int, batch_size: int, lr: float, frames: int, fps: float, num: int = 480,
+                    eval_every: int = 500, eval_num: int = 48, seed: int = 0, sheet=None, device="cpu",
+                    log=print) -> list[dict]:
+    """Train a tokenizer's flow decoder alone, from ground-truth codes of synthetic clips (scene_codes), and
+    score its samples every `eval_every` steps: what a decoder of this size draws within this budget when its
+    tokens hold everything about the scene. No encoder can give it more information (a learned one may find a
+    format easier to read than these coordinates), so samples that miss the requested class here point at the
+    decoder's training budget, not at the encoder or the AR model.
+
+    cfg: a pixel-space TokenizerConfig (latent_channels 3; latent_size the frame side). Returns one dict per
+    evaluation: step, seconds, flow loss at t = 1 with the codes and without, PSNR and adherence of the samples
+    (every register kept, 25 Euler steps). `sheet` (a path with {step}) gets the first 6 samples over their clips."""
+    from data import SYNTHETIC_CLASSES, synthetic_scene, render_scene
+    from decoder import Decoder
+    from trainer import lr_at, make_optimizer, optimizer_step
+
+    def clips(count, data_seed):
+        names = [SYNTHETIC_CLASSES[n % len(SYNTHETIC_CLASSES)] for n in range(count)]
+        scenes = [synthetic_scene(*name.split("_"), np.random.default_rng([data_seed, n]), cfg.latent_size, frames,
+                                  fps) for n, name in enumerate(names)]
+        x = torch.stack([torch.from_numpy(render_scene(sc)).permute(3, 0, 1, 2) for sc in scenes]).float() / 127.5 - 1
+        codes = torch.stack([scene_codes(sc, cfg.registers) for sc in scenes])
+        return x.to(device), codes.to(device), names
+
+    torch.manual_seed(seed)
+    x, codes, _ = clips(num, seed)
+    x_val, codes_val, names_val = clips(eval_num, seed + 1)
+    dec = Decoder(cfg).to(device)
+    opt, params = make_optimizer(dec, lr, 0.05, (0.9, 0.99), False)
+    order = torch.Generator().manual_seed(seed)
+    rows, start = [], time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(num, (batch_size,), generator=order).to(device)
+        loss = dec.loss(x[idx], codes[idx])["loss"]
+        optimizer_step(opt, params, loss, lr_at(step - 1, lr, min(100, steps // 10), steps, 0.1), 1.0)
+        if step % eval_every and step != steps:
+            continue
+        dec.eval()
+        with torch.no_grad():
+            at_1 = flow_losses(dec, x_val, codes_val, (1.0,), torch.Generator(device).manual_seed(seed))[1.0]
+            out = dec.sample(codes_val, torch.full((eval_num,), cfg.registers, device=device), tuple(x_val.shape[-2:]),
+                             generator=torch.Generator(device).manual_seed(seed))
+        dec.train()
+        scores = adherence([to_uint8(v) for v in out], names_val)
+        rows.append(dict(step=step, seconds=time.time() - start, loss_tokens=at_1["tokens"], loss_null=at_1["null"],
+                         psnr=psnr(out, x_val), **{k: v for k, v in scores.items() if k != "n"}))
+        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()))
+        if sheet:
+            write_png_grid(str(sheet).format(step=step), np.stack([to_uint8(v) for v in [*out[:6], *x_val[:6]]]))
+    return rows
 
 
 def rfvd(tokenizer, vae, videos, k: int, i3d, steps: int = 25, generator=None) -> float:
@@ -402,6 +489,18 @@ def parse_args(argv=None):
     flow.add_argument("--sheet", type=Path, default=None,
                       help="also write a PNG: the first 4 clips and the decoder's one-step predictions of them from "
                            "pure noise, with their tokens and without (what the tokens carry)")
+    ceil = commands.add_parser("ceiling", help="train a decoder alone from the true scenes of synthetic clips: the "
+                                               "samples the best possible tokens would give at this size and budget")
+    ceil.add_argument("--steps", type=int, default=2000)
+    ceil.add_argument("--eval-every", type=int, default=500)
+    ceil.add_argument("--lr", type=float, default=1e-3)
+    ceil.add_argument("--size", type=int, default=32, help="frame side in pixels")
+    ceil.add_argument("--registers", type=int, default=16, help="registers per frame (K)")
+    ceil.add_argument("--depth", type=int, default=2, help="decoder blocks (width 64 x depth)")
+    ceil.add_argument("--time-sampling", default="uniform", choices=TIME_SAMPLING)
+    ceil.add_argument("--sheet", default=None,
+                      help="PNG path with {step}: 6 samples over their clips at every evaluation")
+    ceil.add_argument("--seed", type=int, default=0)
     gen = commands.add_parser("gfvd", help="FVD of a folder of generated videos against a real video folder")
     gen.add_argument("--real", type=Path, required=True, help="real video folder (e.g. the training data)")
     gen.add_argument("--fake", type=Path, required=True, help="folder of generated mp4s (sample.py --out)")
@@ -409,7 +508,7 @@ def parse_args(argv=None):
     gen.add_argument("--size", type=int, default=None, help="side in pixels; default: the generated videos' size")
     for sub in (rec, gen):
         sub.add_argument("--i3d-ckpt", type=Path, default=None, help="Kinetics-400 I3D weights, i3d_pretrained_400.pt (see fvd.py)")
-    for sub in (rec, codes, flow, gen):
+    for sub in (rec, codes, flow, gen, ceil):
         sub.add_argument("--frames", type=int, default=17)
         sub.add_argument("--fps", type=float, default=4.0)
         sub.add_argument("--batch-size", type=int, default=8)
@@ -498,6 +597,16 @@ def run_recon(args) -> dict:
     return metrics
 
 
+def run_ceiling(args) -> list[dict]:
+    from tokenizer import TokenizerConfig
+
+    cfg = TokenizerConfig.preset("tiny", dec_depth=args.depth, latent_size=args.size, registers=args.registers,
+                                 max_frames=args.frames, repa_dim=0, time_sampling=args.time_sampling)
+    return decoder_ceiling(cfg, args.steps, args.batch_size, args.lr, args.frames, args.fps, eval_every=args.eval_every,
+                           seed=args.seed, sheet=args.sheet, log=lambda line: print(line, flush=True),
+                           device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
 def run_gfvd(args) -> float:
     from fvd import load_i3d
 
@@ -515,7 +624,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return {"adherence": run_adherence, "recon": run_recon, "codes": run_codes, "flow": run_flow,
-                "gfvd": run_gfvd}[args.command](args)
+                "gfvd": run_gfvd, "ceiling": run_ceiling}[args.command](args)
     except (ValueError, FileNotFoundError, BadVideo) as err:
         raise SystemExit(f"eval.py: error: {err}") from err
 

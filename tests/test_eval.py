@@ -232,3 +232,32 @@ def test_one_step_predictions_are_the_flow_estimate_of_the_clean_clip():
     by_hand = eps - tok.decoder(eps, torch.ones(2), tok.decoder.embed_registers(codes))
     assert torch.allclose(tokens, by_hand, atol=1e-6)
     assert not torch.allclose(tokens, null, atol=1e-3)
+
+
+def test_scene_codes_hold_the_true_scene():
+    scene = data.synthetic_scene("yellow", "triangle", "down", np.random.default_rng(3), size=32, frames=5, fps=4.0)
+    codes = ev.scene_codes(scene, registers=4)
+    assert codes.shape == (5, 4, 6) and codes.abs().max() <= 1.5
+    shape, background = codes[:, 0], codes[:, 1]
+    np.testing.assert_allclose((shape[:, :2].numpy() + 1) / 2 * 32, scene["centres"], atol=1e-4)
+    assert (shape[:, 1].diff() > 0).all() and (shape[:, 0].diff() == 0).all()     # moving down in the image
+    assert torch.allclose(shape[:, 2], torch.tensor(list(data.COLORS).index("yellow") / 1.5 - 1))
+    assert torch.allclose(shape[:, 3], torch.tensor(float(data.SHAPES.index("triangle") - 1)))
+    assert torch.equal(codes[:, 2], shape) and torch.equal(codes[:, 3], shape)  # every budget holds the shape
+    assert not torch.equal(background, shape) and torch.equal(background[0], background[-1])
+    # the scene renders to exactly the video render_shapes makes from the same generator state
+    again = data.render_shapes("yellow", "triangle", "down", np.random.default_rng(3), size=32, frames=5, fps=4.0)
+    assert np.array_equal(data.render_scene(scene), again)
+
+
+def test_decoder_ceiling_trains_a_decoder_on_true_scenes_and_scores_its_samples(tmp_path):
+    cfg = TokenizerConfig.preset("tiny", dec_depth=1, latent_size=16, registers=2, max_frames=3, repa_dim=0,
+                                 time_sampling="uniform")
+    logged = []
+    rows = ev.decoder_ceiling(cfg, steps=4, batch_size=2, lr=1e-3, frames=3, fps=4.0, num=6, eval_every=2,
+                              eval_num=4, sheet=tmp_path / "s-{step}.png", log=logged.append)
+    assert [r["step"] for r in rows] == [2, 4] and len(logged) == 2
+    for r in rows:
+        assert set(r) == {"step", "seconds", "loss_tokens", "loss_null", "psnr", "color", "shape", "motion", "class"}
+        assert all(math.isfinite(v) for v in r.values()) and 0 <= r["class"] <= 1
+    assert (tmp_path / "s-2.png").exists() and (tmp_path / "s-4.png").exists()
