@@ -404,7 +404,7 @@ def decoder_ceiling(cfg, steps: int, batch_size: int, lr: float, frames: int, fp
     x, codes, _ = clips(num, seed)
     x_val, codes_val, names_val = clips(eval_num, seed + 1)
     dec = Decoder(cfg).to(device)
-    opt, params = make_optimizer(dec, lr, 0.05, (0.9, 0.99), False)
+    opt, params = make_optimizer(dec, lr, 0.05, (0.9, 0.99), False)   # train_tok.py's optimizer and schedule
     order = torch.Generator().manual_seed(seed)
     rows, start = [], time.time()
     for step in range(1, steps + 1):
