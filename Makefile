@@ -24,9 +24,9 @@ test: setup
 # tokens of every frame (the paper's cheaper AR setting) -> samples at 1, 2 and 4 tokens per frame
 # -> the tokenizer's codebook usage and flow loss with and without its tokens -> a held-out clip
 # reconstructed at every budget -> adherence tables. Sized to finish in about 15 minutes on 2 cores;
-# at this size the samples are not yet recognisable (see README). The tokenizer trains with uniform
-# noise levels: in 500 steps, logit-normal ones leave the decoder untrained near t = 1, where
-# sampling starts (eval.py flow shows it).
+# at this size the samples are not yet recognisable: `eval.py ceiling` measures the steps it would
+# take (see README). The tokenizer trains with uniform noise levels: in 500 steps, logit-normal ones
+# leave the decoder untrained near t = 1, where sampling starts (eval.py flow shows it).
 DEMO     = out/demo
 DEMO_TOK = $(DEMO)/tok/ckpt-0000500.pt
 CLIP     = --frames 9
