@@ -602,6 +602,10 @@ def run_ceiling(args) -> list[dict]:
 
     cfg = TokenizerConfig.preset("tiny", dec_depth=args.depth, latent_size=args.size, registers=args.registers,
                                  max_frames=args.frames, repa_dim=0, time_sampling=args.time_sampling)
+    if min(args.steps, args.eval_every, args.registers, args.frames, args.depth) < 1 or args.size % cfg.patch_size:
+        raise ValueError(f"ceiling needs --steps, --eval-every, --registers, --frames and --depth >= 1 and a --size "
+                         f"divisible by the patch size {cfg.patch_size}; got {args.steps}, {args.eval_every}, "
+                         f"{args.registers}, {args.frames}, {args.depth} and {args.size}")
     return decoder_ceiling(cfg, args.steps, args.batch_size, args.lr, args.frames, args.fps, eval_every=args.eval_every,
                            seed=args.seed, sheet=args.sheet, log=lambda line: print(line, flush=True),
                            device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))

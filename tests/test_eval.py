@@ -261,3 +261,10 @@ def test_decoder_ceiling_trains_a_decoder_on_true_scenes_and_scores_its_samples(
         assert set(r) == {"step", "seconds", "loss_tokens", "loss_null", "psnr", "color", "shape", "motion", "class"}
         assert all(math.isfinite(v) for v in r.values()) and 0 <= r["class"] <= 1
     assert (tmp_path / "s-2.png").exists() and (tmp_path / "s-4.png").exists()
+
+
+def test_ceiling_refuses_a_size_the_patches_do_not_tile():
+    with pytest.raises(SystemExit, match="divisible by the patch size 4"):
+        ev.main(["ceiling", "--size", "30", "--steps", "1"])
+    with pytest.raises(SystemExit, match="--steps, --eval-every"):
+        ev.main(["ceiling", "--steps", "0"])
