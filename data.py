@@ -246,6 +246,11 @@ def write_video(path, frames, fps: float, codec: str | None = None, crf: int = 1
     return path
 
 
+def from_uint8(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) -> float video (3, T, H, W) in [-1, 1]; the inverse of `to_uint8`."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """Float video (3, T, H, W) in [-1, 1] -> uint8 frames (T, H, W, 3) for `write_video`."""
     if video.dim() != 4 or video.shape[0] != 3:
@@ -392,8 +397,7 @@ class VideoFolder(torch.utils.data.Dataset):
                 i = replacement
         else:
             raise RuntimeError(f"10 clips in a row failed to decode; last: {self.failed[-1]}")
-        video = torch.from_numpy(clip).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
-        return video, self.labels[i], self.captions[i]
+        return from_uint8(clip), self.labels[i], self.captions[i]
 
     def __repr__(self) -> str:
         return (f"VideoFolder({str(self.root)!r}, {len(self)} videos, {len(self.classes)} classes, "

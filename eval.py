@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (COLORS, MOTIONS, SHAPES, BadVideo, VideoFolder, probe, read_video, synthetic_data, to_uint8,
-                  write_png_grid)
-from decoder import TIME_SAMPLING, token_budgets
+from data import (COLORS, MOTIONS, SHAPES, SYNTHETIC_CLASSES, BadVideo, VideoFolder, from_uint8, probe, read_video,
+                  render_scene, synthetic_data, synthetic_scene, to_uint8, write_png_grid)
+from decoder import TIME_SAMPLING, Decoder, token_budgets
 
 # Detector constants, set from measurements on data.make_synthetic videos (32 and 64 px, see `measure`).
 FG_DISTANCE = 40.0        # RGB distance from the background fit that surely is shape: the grey's gradient and
@@ -388,15 +388,13 @@ def decoder_ceiling(cfg, steps: int, batch_size: int, lr: float, frames: int, fp
     cfg: a pixel-space TokenizerConfig (latent_channels 3; latent_size the frame side). Returns one dict per
     evaluation: step, seconds, flow loss at t = 1 with the codes and without, PSNR and adherence of the samples
     (every register kept, 25 Euler steps). `sheet` (a path with {step}) gets the first 6 samples over their clips."""
-    from data import SYNTHETIC_CLASSES, synthetic_scene, render_scene
-    from decoder import Decoder
     from trainer import lr_at, make_optimizer, optimizer_step
 
     def clips(count, data_seed):
         names = [SYNTHETIC_CLASSES[n % len(SYNTHETIC_CLASSES)] for n in range(count)]
         scenes = [synthetic_scene(*name.split("_"), np.random.default_rng([data_seed, n]), cfg.latent_size, frames,
                                   fps) for n, name in enumerate(names)]
-        x = torch.stack([torch.from_numpy(render_scene(sc)).permute(3, 0, 1, 2) for sc in scenes]).float() / 127.5 - 1
+        x = torch.stack([from_uint8(render_scene(sc)) for sc in scenes])
         codes = torch.stack([scene_codes(sc, cfg.registers) for sc in scenes])
         return x.to(device), codes.to(device), names
 
@@ -516,6 +514,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def pick_device(args) -> torch.device:
+    """--device, or cuda when there is one, else cpu."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def run_adherence(args) -> dict:
     paths = sorted(args.dir.rglob("*.mp4"))
     wanted = {p: class_from_prompt(re.sub(r"^sample-\d+-", "", p.stem)) for p in paths}
@@ -551,7 +554,7 @@ def load_tokenizer_and_clips(args, device):
 
 
 def run_codes(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args)
     tok, vae, batches = load_tokenizer_and_clips(args, device)
     usage = codebook_usage(tok, vae, batches)
     print(f"{usage['clips']} clips, {usage['tokens']} tokens, codebook {tok.codebook_size}")
@@ -563,7 +566,7 @@ def run_codes(args) -> dict:
 
 
 def run_flow(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args)
     tok, vae, batches = load_tokenizer_and_clips(args, device)
     batches = list(batches)
     losses = token_reliance(tok, vae, batches, generator=torch.Generator(device).manual_seed(args.seed))
@@ -583,7 +586,7 @@ def run_flow(args) -> dict:
 def run_recon(args) -> dict:
     from fvd import load_i3d
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args)
     i3d = load_i3d(args.i3d_ckpt).to(device) if args.i3d_ckpt is not None else None   # fail before decoding
     tok, vae, batches = load_tokenizer_and_clips(args, device)
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -608,7 +611,7 @@ def run_ceiling(args) -> list[dict]:
                          f"{args.registers}, {args.frames}, {args.depth} and {args.size}")
     return decoder_ceiling(cfg, args.steps, args.batch_size, args.lr, args.frames, args.fps, eval_every=args.eval_every,
                            seed=args.seed, sheet=args.sheet, log=lambda line: print(line, flush=True),
-                           device=torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+                           device=pick_device(args))
 
 
 def run_gfvd(args) -> float:
@@ -617,7 +620,7 @@ def run_gfvd(args) -> float:
     if args.i3d_ckpt is None:
         raise ValueError("gfvd needs --i3d-ckpt: the Kinetics-400 I3D weights i3d_pretrained_400.pt "
                          "(the TF-Hub FVD network in the pytorch-i3d layout; see fvd.py)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args)
     value = gfvd(args.real, args.fake, load_i3d(args.i3d_ckpt).to(device), args.frames, args.fps, args.size,
                  args.num, args.batch_size)
     print(f"gFVD {value:.1f}")

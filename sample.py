@@ -52,9 +52,9 @@ from tqdm import tqdm
 
 from ar import ARConfig, ARModel, from_sequence
 from checkpoint import torch_load
-from data import BadVideo, load_clip, probe, start_frames, to_uint8, write_png_grid, write_video
+from data import BadVideo, from_uint8, load_clip, probe, start_frames, to_uint8, write_png_grid, write_video
 from decoder import APG, token_budgets
-from eval import psnr
+from eval import pick_device, psnr
 from tokenizer import VideoFlexTok
 from vae import load_vae
 
@@ -368,7 +368,7 @@ def read_clip(path, frames, fps, size):
         clip = load_clip(path, 0.0, frames, fps, size)
     except BadVideo as err:
         raise ValueError(f"cannot read --reconstruct {path}: {err}") from err
-    return torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0)
+    return from_uint8(clip)[None]
 
 
 def check_budget(k, K):
@@ -400,7 +400,7 @@ def run(args):
         raise ValueError("give --ar-ckpt (text- or class-to-video) or --reconstruct VIDEO with --tok-ckpt, not both")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1; got {args.num_samples}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args)
     ar, state = load_ar(args.ar_ckpt, device) if args.ar_ckpt else (None, {})
     tok_ckpt = args.tok_ckpt or state.get("tok_ckpt")
     if tok_ckpt is None:
