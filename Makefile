@@ -5,7 +5,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo demo-train bench clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,35 +19,45 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
-# The whole pipeline on the built-in synthetic data, CPU, a fresh run each time (out/demo/):
-# data -> tiny tokenizer -> token cache -> class- and text-conditional AR models on the first 4
-# tokens of every frame (the paper's cheaper AR setting) -> samples at 1, 2 and 4 tokens per frame
-# -> the tokenizer's codebook usage and flow loss with and without its tokens -> a held-out clip
-# reconstructed at every budget -> adherence tables. Sized to finish in about 15 minutes on 2 cores;
-# at this size the samples are not yet recognisable: `eval.py ceiling` measures the steps it would
-# take (see README). The tokenizer trains with uniform noise levels: in 500 steps, logit-normal ones
-# leave the decoder untrained near t = 1, where sampling starts (eval.py flow shows it).
-DEMO     = out/demo
-DEMO_TOK = $(DEMO)/tok/ckpt-0000500.pt
-CLIP     = --frames 9
-AR       = --tokens-per-frame 4 --steps 250 --lr 1e-3 --sample-every 0 --ckpt-every 250 --log-every 50
-
+# make demo: the bundled demo models (assets/demo) sample "a red circle moving left" and a class at every
+# token budget, reconstruct held-out clips, and print PSNR, adherence and the token-position probe (demo.py).
 demo: setup
-	rm -rf $(DEMO)
-	$(PY) data.py synthetic $(DEMO)/data --num 480 --size 32
-	$(PY) data.py synthetic $(DEMO)/heldout --num 8 --seed 1 --size 32
-	$(PY) train_tok.py --data $(DEMO)/data --run-dir $(DEMO)/tok $(CLIP) --steps 500 --lr 1e-3 --val-every 500 --ckpt-every 500 --log-every 100 --time-sampling uniform
-	$(PY) train_ar.py --tokenize --tok-ckpt $(DEMO_TOK) --data $(DEMO)/data $(CLIP) --cache $(DEMO)/tokens
-	$(PY) train_ar.py --cache $(DEMO)/tokens --cond class --run-dir $(DEMO)/ar-class $(AR)
-	$(PY) train_ar.py --cache $(DEMO)/tokens --cond text --run-dir $(DEMO)/ar-text $(AR)
-	for k in 1 2 4; do \
-	  $(PY) sample.py --ar-ckpt $(DEMO)/ar-text/ckpt-0000250.pt --prompt "a red circle moving left" --num-samples 8 --tokens-per-frame $$k $(CLIP) --out $(DEMO)/text-k$$k || exit 1; \
-	  $(PY) sample.py --ar-ckpt $(DEMO)/ar-class/ckpt-0000250.pt --class blue_square_up --num-samples 8 --tokens-per-frame $$k $(CLIP) --out $(DEMO)/class-k$$k || exit 1; \
-	done
-	$(PY) eval.py codes --tok-ckpt $(DEMO_TOK) --data $(DEMO)/data $(CLIP) --num 96
-	$(PY) eval.py flow --tok-ckpt $(DEMO_TOK) --data $(DEMO)/data $(CLIP) --num 32 --sheet $(DEMO)/one-step.png
-	$(PY) sample.py --tok-ckpt $(DEMO_TOK) --reconstruct $(DEMO)/heldout/red_circle_left/red_circle_left_00000.mp4 $(CLIP) --out $(DEMO)/reconstruct
-	for d in $(DEMO)/text-k* $(DEMO)/class-k*; do echo "== $$d"; $(PY) eval.py adherence $$d | tail -5 || exit 1; done
+	$(PY) demo.py --out out/demo --data $(DEMO_DATA)
+
+# make demo-train: the recipe that made assets/demo, from scratch, seeded. Each stage is a file target and
+# the training stages run with --resume, so an interrupted run continues where it stopped: run it again.
+# DEVICE=cuda trains on a GPU. Measured times are in the README.
+DEVICE    ?= cpu
+DEMO_DATA  = out/demo-data
+DEMO_WORK  = out/demo-train
+DEMO_CLIP  = --frames 5 --fps 4
+DEMO_VAE   = --vae demo --vae-ckpt $(DEMO_WORK)/vae.pt
+TOK_STEPS  = 4000
+AR_STEPS   = 2000
+AR_FLAGS   = --preset demo --batch-size 32 --lr 1e-3 --steps $(AR_STEPS) --ckpt-every 500 --log-every 100 \
+             --sample-every 0 --num-workers 0 --resume --device $(DEVICE)
+
+$(DEMO_DATA)/data/synthetic.json:
+	$(PY) data.py synthetic $(DEMO_DATA)/data --num 1920 --size 32 --frames 5 --fps 4
+$(DEMO_DATA)/heldout/synthetic.json:
+	$(PY) data.py synthetic $(DEMO_DATA)/heldout --num 96 --seed 1 --size 32 --frames 5 --fps 4
+$(DEMO_WORK)/vae.pt: $(DEMO_DATA)/data/synthetic.json
+	$(PY) vae.py train-demo --data $(DEMO_DATA)/data $(DEMO_CLIP) --out $@ --device $(DEVICE)
+$(DEMO_WORK)/tok.done: $(DEMO_WORK)/vae.pt
+	$(PY) train_tok.py --preset demo --data $(DEMO_DATA)/data $(DEMO_CLIP) $(DEMO_VAE) --cache $(DEMO_WORK)/latents \
+	  --run-dir $(DEMO_WORK)/tok --batch-size 16 --lr 1e-3 --steps $(TOK_STEPS) --val-every 1000 --ckpt-every 250 \
+	  --log-every 100 --num-workers 0 --resume --device $(DEVICE)
+	touch $@
+$(DEMO_WORK)/tokens.done: $(DEMO_WORK)/tok.done
+	$(PY) train_ar.py --tokenize --tok-ckpt $(lastword $(sort $(wildcard $(DEMO_WORK)/tok/ckpt-*.pt))) \
+	  --data $(DEMO_DATA)/data $(DEMO_CLIP) $(DEMO_VAE) --cache $(DEMO_WORK)/tokens --num-workers 0 --device $(DEVICE)
+	touch $@
+$(DEMO_WORK)/ar-%.done: $(DEMO_WORK)/tokens.done
+	$(PY) train_ar.py --cache $(DEMO_WORK)/tokens --cond $* --run-dir $(DEMO_WORK)/ar-$* $(AR_FLAGS)
+	touch $@
+
+demo-train: setup $(DEMO_DATA)/heldout/synthetic.json $(DEMO_WORK)/ar-class.done $(DEMO_WORK)/ar-text.done
+	$(PY) demo.py export --work $(DEMO_WORK) --data $(DEMO_DATA) --out assets/demo
 
 # Every benchmark at reduced size on CPU (real size, bf16, on CUDA); tables in BENCHMARKS.md.
 bench: setup

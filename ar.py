@@ -50,7 +50,8 @@ Presets (`ARConfig.preset`). Parameters measured on the meta device (checked in 
 "t2v" the whole model with T5-XL cross-attention (text_dim 2048, `num_classes=0, text="t5"`):
 
     preset  depth  width    trunk   c2v total   t2v total
-    tiny        2    128     0.4M       16.8M           -   CPU tests and demo (17 frames x 16 tokens)
+    tiny        2    128     0.4M       16.8M           -   CPU tests (17 frames x 16 tokens)
+    demo        3    192                                   the bundled demo (make demo-train), vocabulary 1000
     d12        12    768    85.0M      183.9M      213.9M
     d16        16   1024   201.3M      333.3M      402.9M   t2v ~ "400M", the smallest T2V model
     d20        20   1280   393.2M      558.2M      692.8M
@@ -114,6 +115,9 @@ class ARConfig:
     @classmethod
     def preset(cls, name, **overrides):
         presets = {"tiny": dict(depth=2, max_frames=17, tokens_per_frame=16, num_classes=10, dropout=0.0,
+                                text_dim=128, max_text_len=64),
+                   # the bundled demo models (make demo-train): 5 latent frames x 8 tokens, 48 classes
+                   "demo": dict(depth=3, max_frames=5, tokens_per_frame=8, num_classes=48, dropout=0.1,
                                 text_dim=128, max_text_len=64)}
         presets.update({f"d{d}": dict(depth=d) for d in (12, 16, 20, 24, 28, 32, 36, 40, 42)})
         if name not in presets:

@@ -510,20 +510,22 @@ def synthetic_scene(color: str, shape: str, motion: str, rng: np.random.Generato
                     frames: int = 40, fps: float = 8.0) -> dict:
     """The random parameters of one synthetic video (render_scene draws it).
 
-    Random per video: shape size (half-width r, 10-16% of the frame), speed (8-13% of the frame per second), start
-    position (the shape stays fully inside the frame), a +-15 colour jitter, and the background's grey level, tint
-    and gradient. `centres` (frames, 2) holds the shape's (x, y) in pixels in every frame."""
-    r = rng.uniform(0.10, 0.16) * size
-    travel = rng.uniform(0.08, 0.13) * size * (frames - 1) / fps
-    travel = min(travel, size - 2 * r - 1)         # long videos: slow down rather than leave the frame
+    The look is chosen so that what VideoFlexTok's first tokens should carry, the object and its motion, is also
+    what matters most for reconstruction: a large shape (half-width r, 20-26% of the frame) that crosses 30-40% of
+    the frame over the video whatever its length (`fps` only sets the frame rate), on a nearly plain background.
+    What is left for later tokens is detail: the exact start position (the shape stays fully inside the frame),
+    size, a +-15 colour jitter, and the background's grey level (110-146), a faint tint and a faint gradient.
+    `centres` (frames, 2) holds the shape's (x, y) in pixels in every frame."""
+    r = rng.uniform(0.20, 0.26) * size
+    travel = min(rng.uniform(0.30, 0.40) * size, size - 2 * r - 1)
     dx, dy = MOTIONS[motion]
     along = rng.uniform(r + travel, size - r) if dx + dy < 0 else rng.uniform(r, size - r - travel)
     across = rng.uniform(r, size - r)
     x0, y0 = (along, across) if dx else (across, along)
     rgb = np.clip(np.array(COLORS[color]) + rng.integers(-15, 16, 3), 0, 255)
-    grey = rng.uniform(70, 170) + rng.uniform(-12, 12, 3)
+    grey = rng.uniform(110, 146) + rng.uniform(-4, 4, 3)
     angle = rng.uniform(0, 2 * np.pi)
-    ramp = rng.uniform(-30, 30)
+    ramp = rng.uniform(-10, 10)
     step = travel * np.arange(frames) / max(frames - 1, 1)
     centres = np.stack([x0 + dx * step, y0 + dy * step], axis=1)
     return dict(color=color, shape=shape, r=r, rgb=rgb, grey=grey, angle=angle, ramp=ramp, centres=centres, size=size)

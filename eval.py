@@ -42,6 +42,7 @@ import torch
 from data import (COLORS, MOTIONS, SHAPES, SYNTHETIC_CLASSES, BadVideo, VideoFolder, from_uint8, probe, read_video,
                   render_scene, synthetic_data, synthetic_scene, to_uint8, write_png_grid)
 from decoder import TIME_SAMPLING, Decoder, token_budgets
+from vae import VAE_KINDS
 
 # Detector constants, set from measurements on data.make_synthetic videos (32 and 64 px, see `measure`).
 FG_DISTANCE = 40.0        # RGB distance from the background fit that surely is shape: the grey's gradient and
@@ -291,6 +292,59 @@ def codebook_usage(tokenizer, vae, videos, positions: int = 4) -> dict:
             "saturated": (1 - torch.tanh(z) ** 2 < 0.05).float().mean().item()}
 
 
+def class_attributes(names) -> dict:
+    """Class names like red_circle_left -> {"color", "shape", "motion", "class"}: integer labels (N,) each."""
+    parts = [name.split("_") for name in names]
+    vocab = {"color": list(COLORS), "shape": list(SHAPES), "motion": list(MOTIONS)}
+    labels = {key: torch.tensor([values.index(p[i]) for p in parts]) for i, (key, values) in enumerate(vocab.items())}
+    labels["class"] = torch.tensor([SYNTHETIC_CLASSES.index(name) for name in names])
+    return labels
+
+
+def one_hot_digits(ids, levels) -> torch.Tensor:
+    """Token ids (N, T) of one token position -> (N, T * sum(levels)) floats: the one-hot FSQ level of every
+    dimension in every frame. A linear model on these can read any per-dimension value, not only a monotone one."""
+    basis = torch.cumprod(torch.tensor((1,) + tuple(levels)[:-1]), 0)
+    digits = (ids.long()[..., None] // basis) % torch.tensor(levels)                      # (N, T, dims)
+    return torch.cat([torch.nn.functional.one_hot(digits[..., i], n) for i, n in enumerate(levels)], -1).flatten(1).float()
+
+
+def fit_logistic(x, y, classes: int, steps: int = 200, weight_decay: float = 1e-3):
+    """Multinomial logistic regression (L-BFGS, a small L2 penalty) -> a function from features to labels."""
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return lambda features: (features @ w + b).argmax(-1)
+
+
+@torch.no_grad()
+def token_probe(train_ids, train_names, test_ids, test_names, levels) -> dict:
+    """How much of the class each token position carries: for every position j (1..K), a logistic regression of
+    colour, shape, motion and the whole class on the codes of token j in every frame (`one_hot_digits`), fitted
+    on training clips and scored on held-out ones. ids (N, T, K). Returns {attribute: [accuracy per position]}.
+
+    The paper's claim is that the first tokens carry semantics and motion (§1, §4.2): then position 1 predicts
+    colour and motion well, and later positions, which refine the reconstruction, predict less."""
+    train_y, test_y = class_attributes(train_names), class_attributes(test_names)
+    sizes = {"color": len(COLORS), "shape": len(SHAPES), "motion": len(MOTIONS), "class": len(SYNTHETIC_CLASSES)}
+    out = {key: [] for key in sizes}
+    for j in range(train_ids.shape[-1]):
+        x_train, x_test = one_hot_digits(train_ids[..., j], levels), one_hot_digits(test_ids[..., j], levels)
+        for key, n in sizes.items():
+            predict = fit_logistic(x_train, train_y[key], n)
+            out[key].append((predict(x_test) == test_y[key]).float().mean().item())
+    return out
+
+
 def token_and_null_registers(decoder, codes) -> dict:
     """{"tokens", "null"}: the decoder's register tokens for `codes` with every token kept, and with none."""
     none = torch.ones(len(codes), dtype=torch.bool, device=codes.device)
@@ -473,14 +527,18 @@ def parse_args(argv=None):
     rec = commands.add_parser("recon", help="PSNR per token budget and, with --i3d-ckpt, rFVD of reconstructions")
     codes = commands.add_parser("codes", help="FSQ codebook usage of a tokenizer: distinct ids, saturation")
     flow = commands.add_parser("flow", help="the decoder's flow loss per noise level, with its tokens and without")
-    for sub in (rec, codes, flow):
+    probe = commands.add_parser("probe", help="held-out accuracy of colour, shape and motion from each token position "
+                                              "(logistic regression on the synthetic data's codes)")
+    for sub in (rec, codes, flow, probe):
         sub.add_argument("--tok-ckpt", type=Path, required=True,
                          help="tokenizer checkpoint (train_tok.py, or an official model.safetensors)")
         sub.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data")
-        sub.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"], help="the VAE the tokenizer was trained with")
+        sub.add_argument("--vae", default="pixel", choices=VAE_KINDS, help="the VAE the tokenizer was trained with")
         sub.add_argument("--vae-ckpt", type=Path, default=None)
         sub.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
         sub.add_argument("--num", type=int, default=32, help="clips evaluated (the first ones of the folder)")
+    probe.add_argument("--heldout", type=Path, required=True, help="synthetic video folder the probe is scored on")
+    probe.set_defaults(num=None)   # fit on every training clip
     rec.add_argument("--steps", type=int, default=25, help="Euler steps of the flow decoder")
     for sub in (rec, flow):
         sub.add_argument("--seed", type=int, default=0)
@@ -506,7 +564,7 @@ def parse_args(argv=None):
     gen.add_argument("--size", type=int, default=None, help="side in pixels; default: the generated videos' size")
     for sub in (rec, gen):
         sub.add_argument("--i3d-ckpt", type=Path, default=None, help="Kinetics-400 I3D weights, i3d_pretrained_400.pt (see fvd.py)")
-    for sub in (rec, codes, flow, gen, ceil):
+    for sub in (rec, codes, flow, probe, gen, ceil):
         sub.add_argument("--frames", type=int, default=17)
         sub.add_argument("--fps", type=float, default=4.0)
         sub.add_argument("--batch-size", type=int, default=8)
@@ -583,6 +641,29 @@ def run_flow(args) -> dict:
     return losses
 
 
+def run_probe(args) -> dict:
+    device = pick_device(args)
+    tok, vae, _ = load_tokenizer_and_clips(args, device)
+    size = tok.cfg.latent_size * vae.spatial_factor
+    sets = []
+    for root in (args.data or synthetic_data(), args.heldout):
+        folder = VideoFolder(root, frames=args.frames, fps=args.fps, size=size, train=False)
+        if not folder.classes:
+            raise ValueError(f"{root} has no <class>/<video> layout: the probe needs the synthetic data's classes")
+        ids = torch.cat([tok.encode(vae.encode(b.to(device))).cpu()
+                         for b in folder_batches(root, args.frames, args.fps, size, args.num, args.batch_size)])
+        sets += [ids, [folder.classes[folder.labels[i]] for i in range(len(ids))]]
+    scores = token_probe(*sets, tok.cfg.fsq_levels)
+    print(f"held-out accuracy from one token position (logistic regression on its codes in every frame), "
+          f"{len(sets[0])} training and {len(sets[2])} held-out clips")
+    print("position  " + "  ".join(f"{key:>6s}" for key in scores))
+    for j in range(len(scores["color"])):
+        print(f"{j + 1:8d}  " + "  ".join(f"{100 * scores[key][j]:5.1f}%" for key in scores))
+    print(f"chance    " + "  ".join(f"{100 / n:5.1f}%" for n in (len(COLORS), len(SHAPES), len(MOTIONS),
+                                                                  len(SYNTHETIC_CLASSES))))
+    return scores
+
+
 def run_recon(args) -> dict:
     from fvd import load_i3d
 
@@ -630,7 +711,7 @@ def run_gfvd(args) -> float:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return {"adherence": run_adherence, "recon": run_recon, "codes": run_codes, "flow": run_flow,
+        return {"adherence": run_adherence, "recon": run_recon, "codes": run_codes, "probe": run_probe, "flow": run_flow,
                 "gfvd": run_gfvd, "ceiling": run_ceiling}[args.command](args)
     except (ValueError, FileNotFoundError, BadVideo) as err:
         raise SystemExit(f"eval.py: error: {err}") from err

@@ -56,8 +56,9 @@ from data import BadVideo, from_uint8, load_clip, probe, start_frames, to_uint8,
 from decoder import APG, token_budgets
 from eval import pick_device, psnr
 from tokenizer import VideoFlexTok
-from vae import load_vae
+from vae import VAE_KINDS, load_vae
 
+DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"   # the bundled demo models (make demo-train)
 SHEET_COLUMNS = 9  # frames shown per row of the contact sheet, evenly spaced, first and last included
 
 
@@ -71,13 +72,16 @@ def parse_args(argv=None):
                       help="tokenize this video and decode it from 1, 2, 4, ..., K tokens per frame")
     what.add_argument("--num-samples", type=int, default=1, help="videos per prompt or class")
     what.add_argument("--tokens-per-frame", type=int, default=None, help="1..K; default 32, or K if smaller")
-    what.add_argument("--frames", type=int, default=17, help="1 + 16n (17 = one chunk, 81 = 10 s at 8 fps)")
+    what.add_argument("--frames", type=int, default=None,
+                      help="1 + stride * n: one chunk by default (17 frames for d18 on VidTok; 81 = 5 chunks)")
     what.add_argument("--fps", type=float, default=4.0, help="frame rate of the written videos and of --reconstruct's clip")
     what.add_argument("--size", type=int, default=None, help="side in pixels; default: the tokenizer's trained size")
     ckpts = p.add_argument_group("checkpoints")
-    ckpts.add_argument("--ar-ckpt", type=Path, default=None, help="AR checkpoint (train_ar.py)")
-    ckpts.add_argument("--tok-ckpt", type=Path, default=None, help="tokenizer checkpoint (train_tok.py, or an official model.safetensors); default: the AR checkpoint's")
-    ckpts.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"], help="the VAE the tokenizer was trained with")
+    ckpts.add_argument("--ar-ckpt", type=Path, default=None,
+                       help="AR checkpoint (train_ar.py); default: the bundled demo model for --prompt or --class")
+    ckpts.add_argument("--tok-ckpt", type=Path, default=None, help="tokenizer checkpoint (train_tok.py, or an official model.safetensors); default: the AR checkpoint's, or the bundled demo tokenizer")
+    ckpts.add_argument("--vae", default=None, choices=VAE_KINDS,
+                       help="the VAE the tokenizer was trained with; default: demo with the bundled models, else pixel")
     ckpts.add_argument("--vae-ckpt", type=Path, default=None)
     ckpts.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
     ckpts.add_argument("--t5", type=Path, default=None, help="T5 directory, for AR models conditioned on T5 features")
@@ -215,7 +219,7 @@ def class_id(value, names, n):
     raise ValueError(f"unknown class {value!r}; this model has {n} classes (ids 0..{n - 1}; names: {known})")
 
 
-def condition(ar, args, names, device):
+def condition(ar, args, state, names, device):
     """-> (keyword arguments of ARModel.stream, one name per video for the file names)."""
     cfg, n = ar.cfg, args.num_samples
     wants_class, wants_text = cfg.num_classes > 0, cfg.text != "none"
@@ -246,6 +250,11 @@ def condition(ar, args, names, device):
             t5 = T5Encoder.from_pretrained(args.t5, device=device)
         kwargs["text"], kwargs["text_mask"] = ar.encode_text(prompts, t5)
         labels = args.prompt
+        trained = state.get("captions")
+        for prompt in args.prompt:
+            if trained and prompt not in trained:
+                print(f"note: {prompt!r} is none of the {len(trained)} captions this model was trained on (such as "
+                      f"{', '.join(repr(c) for c in trained[:3])}); it samples anyway, and may follow it loosely")
     if not kwargs:
         return {"batch": n}, ["sample"] * n
     return kwargs, [label for label in labels for _ in range(n)]
@@ -321,7 +330,7 @@ def prepare_sampling(args, ar, state, tok, vae, device):
     k = check_budget(args.tokens_per_frame, ar.cfg.tokens_per_frame)
     chunks = Chunks(ar.cfg.max_frames, vae.temporal_factor)  # the AR model's clip length sets the chunk
     n_chunks = chunks.check(args.frames)
-    kwargs, labels = condition(ar, args, class_names(args.ar_ckpt, state), device)
+    kwargs, labels = condition(ar, args, state, class_names(args.ar_ckpt, state), device)
     return dict(k=k, chunks=chunks, n_chunks=n_chunks, condition=kwargs, labels=labels)
 
 
@@ -395,19 +404,59 @@ def decode_settings(args, vae, gen):
                 size=(latent, latent) if latent else None)
 
 
+def use_bundled(args):
+    """No checkpoint given: the bundled demo models (assets/demo, made by `make demo-train`) are the defaults,
+    the text model for --prompt, the class model for --class, the tokenizer alone for --reconstruct."""
+    if args.ar_ckpt or args.tok_ckpt:
+        args.vae = args.vae or "pixel"
+        return
+    if args.prompt and args.classes:
+        raise ValueError("the bundled demo models take --prompt or --class, not both; give --ar-ckpt for a model "
+                         "conditioned on both")
+    if not args.reconstruct:
+        args.ar_ckpt = DEMO_ASSETS / ("ar-text.pt" if args.prompt else "ar-class.pt")
+    args.tok_ckpt = DEMO_ASSETS / "tok.pt"
+    if args.vae in (None, "demo"):
+        args.vae, args.vae_ckpt = "demo", args.vae_ckpt or DEMO_ASSETS / "vae.pt"
+    for path in (args.ar_ckpt, args.tok_ckpt, args.vae_ckpt):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"the bundled demo model {path} is missing: run `make demo-train` to make it again, or "
+                             "give --ar-ckpt / --tok-ckpt")
+    print(f"no checkpoint given: using the bundled demo models in {DEMO_ASSETS} (trained on 5-frame 32 px "
+          "synthetic clips by `make demo-train`)")
+
+
+def tokenizer_path(args, state):
+    """--tok-ckpt, else the one the AR checkpoint was trained with: as stored, or beside the AR checkpoint when
+    the stored path is relative to another working directory."""
+    path = args.tok_ckpt or state.get("tok_ckpt")
+    if path is None:
+        raise ValueError("give --tok-ckpt (a train_tok.py checkpoint or an official model.safetensors)")
+    path = Path(path)
+    beside = Path(args.ar_ckpt).parent / path.name if args.ar_ckpt else path
+    return beside if not path.exists() and beside.exists() else path
+
+
 def run(args):
-    if bool(args.reconstruct) == bool(args.ar_ckpt):
+    if args.reconstruct and args.ar_ckpt:
         raise ValueError("give --ar-ckpt (text- or class-to-video) or --reconstruct VIDEO with --tok-ckpt, not both")
+    if not (args.reconstruct or args.prompt or args.classes or args.ar_ckpt):
+        raise ValueError("nothing to sample: give --prompt TEXT, --class NAME or --reconstruct VIDEO")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1; got {args.num_samples}")
+    use_bundled(args)
     device = pick_device(args)
-    ar, state = load_ar(args.ar_ckpt, device) if args.ar_ckpt else (None, {})
-    tok_ckpt = args.tok_ckpt or state.get("tok_ckpt")
-    if tok_ckpt is None:
-        raise ValueError("give --tok-ckpt (a train_tok.py checkpoint or an official model.safetensors)")
-    tok = VideoFlexTok.from_pretrained(tok_ckpt).to(device)
-    vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
+    try:
+        ar, state = load_ar(args.ar_ckpt, device) if args.ar_ckpt else (None, {})
+        tok = VideoFlexTok.from_pretrained(tokenizer_path(args, state)).to(device)
+        vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
+    except (ValueError, FileNotFoundError) as err:
+        if str(DEMO_ASSETS) in str(err):
+            raise ValueError(f"{err}\nThe bundled demo models are missing or corrupt: run `make demo-train`") from err
+        raise
     tok.check_vae(vae)
+    if args.frames is None:   # one chunk: the AR model's clip, or the tokenizer's
+        args.frames = Chunks(ar.cfg.max_frames if ar else tok.cfg.max_frames, vae.temporal_factor).frames
     size = image_size(args, tok, vae)
     decode_settings(args, vae, None)  # checks --steps before anything runs
     if ar is not None:

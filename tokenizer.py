@@ -102,6 +102,11 @@ class TokenizerConfig:
         presets = {
             "tiny": dict(enc_depth=2, dec_depth=2, latent_channels=3, latent_size=32, patch_size=4,
                          max_frames=17, registers=16, repa_dim=384, repa_depth=1, repa_layer=0),
+            # The bundled demo model (make demo-train): 5-frame 32 px clips through the demo VAE (8x8x4 latents),
+            # K = 8, and a small FSQ grid, so that the AR model's vocabulary is small too.
+            "demo": dict(enc_depth=4, dec_depth=4, enc_dim=128, dec_dim=192, latent_channels=4, latent_size=8,
+                         patch_size=2, max_frames=5, registers=8, fsq_levels=(8, 5, 5, 5), repa_dim=0,
+                         time_sampling="uniform"),
             "d12-d12": dict(enc_depth=12, dec_depth=12),
             "d18-d18": dict(),
             "d18-d28": dict(dec_depth=28, latent_size=32, patch_size=2),
@@ -233,7 +238,7 @@ class VideoFlexTok(nn.Module):
         if channels != self.cfg.latent_channels:
             raise ValueError(f"the VAE makes {channels}-channel latents but this tokenizer was built for "
                              f"{self.cfg.latent_channels}; use the VAE it was trained with (PixelVAE for 3, "
-                             "VidTokVAE for 16)")
+                             "DemoVAE for 4, VidTokVAE for 16)")
 
     def _check_latents(self, latents):
         C, T_max = self.cfg.latent_channels, self.cfg.max_frames

@@ -211,6 +211,12 @@ def train(args, rank, world, device):
     log = RunLog(args.run_dir, master)
     schedule = lambda s: lr_at(s, args.lr, args.warmup, args.steps, args.min_lr_ratio)  # noqa: E731
     fields = meta["fields"]
+    # A text model keeps the captions it was trained on (when they are few, as in the synthetic data), so that
+    # sample.py can say when a prompt is unlike all of them.
+    trained_captions = None
+    if args.cond == "text":
+        distinct = {data[i][fields.index("caption")] for i in range(min(len(data), 100_000))}
+        trained_captions = sorted(distinct) if len(distinct) <= 1000 else None
     k = cfg.tokens_per_frame
 
     bar = tqdm(total=args.steps, initial=progress.step, disable=not master, dynamic_ncols=True)
@@ -240,7 +246,8 @@ def train(args, rank, world, device):
             state = training_state(model, ema, opt, dataclasses.asdict(cfg), progress, world, device)
             if master:
                 save_checkpoint(args.run_dir / f"ckpt-{step:07d}.pt",
-                                state | {"tok_ckpt": meta["settings"]["tok_ckpt"], "classes": meta["settings"]["classes"]})
+                                state | {"tok_ckpt": meta["settings"]["tok_ckpt"], "classes": meta["settings"]["classes"],
+                                         "captions": trained_captions})
     bar.close()
     log.close(model, progress.step, world)
 

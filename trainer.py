@@ -21,12 +21,13 @@ from tqdm import tqdm
 
 from checkpoint import torch_load
 from transformer import allow_recompiles
+from vae import VAE_KINDS
 
 
 def add_common_args(p, batch_size, batch_unit, ema):
     """The flags both training scripts share: videos, the frozen VAE, optimisation, bookkeeping."""
     p.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data (generated once)")
-    p.add_argument("--vae", default="pixel", choices=["pixel", "vidtok"])
+    p.add_argument("--vae", default="pixel", choices=VAE_KINDS)
     p.add_argument("--vae-ckpt", type=Path, default=None)
     p.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
     p.add_argument("--frames", type=int, default=17)

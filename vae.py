@@ -40,6 +40,7 @@ from torch import nn
 from checkpoint import check_state_dict, load_safetensors, read_safetensors_header, torch_load
 
 VERSIONS = ("v1.0", "v1.1")
+VAE_KINDS = ("pixel", "demo", "vidtok")   # the --vae choices of every script
 # How far outside [-1, 1] input values may stray (e.g. resampling overshoot) before we call them a range mistake.
 _RANGE_SLACK = 0.5
 
@@ -559,13 +560,166 @@ class PixelVAE(nn.Module):
         return latents.clone()
 
 
+class DemoVAE(nn.Module):
+    """A small convolutional autoencoder for the built-in synthetic data: each frame (3, H, W) <-> (4, H/4, W/4).
+
+    The paper's tokenizer works in the smooth latent space of a VAE, where a latent pixel stands for a patch of
+    the image; on raw pixels every patch token must choose its own colours and a small decoder draws speckle
+    rather than objects. VidTok is far too large for the CPU demo, so the demo trains this one in minutes on its
+    own data (`python vae.py train-demo`). It is per frame (temporal factor 1: a clip of T frames is T latent
+    frames) and deterministic. Training adds noise to the latents, so that the slightly-off latents a flow
+    decoder samples still decode to clean shapes; `scale` (set from the training latents) gives the latents unit
+    standard deviation, the range the flow decoder's noise assumes."""
+
+    temporal_factor = 1
+    spatial_factor = 4
+
+    def __init__(self, channels: int = 4, width: int = 64):
+        super().__init__()
+        self.latent_channels, self.width = channels, width
+        act = nn.SiLU()
+        self.enc = nn.Sequential(
+            nn.Conv2d(3, width // 2, 3, padding=1), act, nn.Conv2d(width // 2, width, 4, stride=2, padding=1), act,
+            nn.Conv2d(width, width, 3, padding=1), act, nn.Conv2d(width, width, 4, stride=2, padding=1), act,
+            nn.Conv2d(width, channels, 3, padding=1))
+        self.dec = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), act, nn.ConvTranspose2d(width, width, 4, stride=2, padding=1),
+            act, nn.Conv2d(width, width, 3, padding=1), act,
+            nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1), act, nn.Conv2d(width // 2, 3, 3, padding=1))
+        self.register_buffer("scale", torch.ones(()))
+
+    @staticmethod
+    def _frames(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(B, C, T, H, W) -> (B*T, C, H, W) and T."""
+        B, C, T, H, W = x.shape
+        return x.transpose(1, 2).reshape(B * T, C, H, W), T
+
+    @staticmethod
+    def _video(x: torch.Tensor, T: int) -> torch.Tensor:
+        """(B*T, C, H, W) -> (B, C, T, H, W)."""
+        return x.view(-1, T, *x.shape[1:]).transpose(1, 2)
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.enc(frames) * self.scale
+
+    def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.dec(latents / self.scale)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/4, W/4); `sample` changes nothing (no posterior)."""
+        _check_video(video, self.temporal_factor, self.spatial_factor)
+        frames, T = self._frames(video)
+        return self._video(self.encode_frames(frames), T).contiguous()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 4, T, h, w) -> (B, 3, T, 4h, 4w), not clamped."""
+        _check_latents(latents, self.latent_channels)
+        frames, T = self._frames(latents)
+        return self._video(self.decode_frames(frames), T).contiguous()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "DemoVAE":
+        """A file written by `train_demo_vae` -> the model in eval mode, frozen."""
+        state = torch_load(path)
+        if not isinstance(state, dict) or not {"config", "model"} <= set(state):
+            raise ValueError(f"{path} is not a demo VAE checkpoint (python vae.py train-demo writes one)")
+        model = cls(**state["config"])
+        weights = {k: v.float() for k, v in state["model"].items()}
+        check_state_dict(model, weights, str(path), "Train it again with python vae.py train-demo.")
+        model.load_state_dict(weights)
+        return model.eval().requires_grad_(False)
+
+
+def train_demo_vae(root, out, frames: int, fps: float, size: int, steps: int = 800, batch_size: int = 32,
+                   lr: float = 2e-3, noise: float = 0.1, seed: int = 0, log_every: int = 100, device="cpu") -> dict:
+    """Train a DemoVAE on every frame of the clips of a video folder; write it (fp16) to `out`.
+
+    Adam with a cosine decay, MSE plus a small L2 on the latents (it keeps their scale from drifting), and
+    Gaussian noise of `noise` times the latents' standard deviation added before decoding. Returns the held-out
+    PSNR (the last 5% of the frames), the steps and the seconds it took."""
+    import time
+    from data import VideoFolder
+    torch.manual_seed(seed)
+    clips = VideoFolder(root, frames=frames, fps=fps, size=size, train=False, index=False)
+    video = torch.stack([clips[i][0] for i in range(len(clips))])                 # (N, 3, T, H, W)
+    frames_all = DemoVAE._frames(video)[0][torch.randperm(video.shape[0] * video.shape[2])]
+    n_val = max(len(frames_all) // 20, 1)
+    val, train = frames_all[:n_val].to(device), frames_all[n_val:].to(device)
+    model = DemoVAE().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    start = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi)).item()))
+        x = train[torch.randint(len(train), (batch_size,)).to(device)]
+        z = model.enc(x)
+        recon = model.dec(z + noise * z.detach().std() * torch.randn_like(z))
+        loss = F.mse_loss(recon, x) + 1e-4 * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log_every and (step + 1) % log_every == 0:
+            print(f"demo VAE step {step + 1}/{steps}: loss {loss.item():.5f}", flush=True)
+    model.eval()
+    with torch.no_grad():
+        model.scale.fill_(1 / model.enc(train[:2048]).std().item())
+        mse = F.mse_loss(model.decode_frames(model.encode_frames(val)).clamp(-1, 1), val).item()
+    report = {"val_psnr": 10 * torch.log10(torch.tensor(4 / mse)).item(), "steps": steps,
+              "seconds": time.time() - start, "frames": len(train)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save({"config": {"channels": model.latent_channels, "width": model.width},
+                "model": {k: v.half().cpu() for k, v in model.state_dict().items()},
+                "report": report}, tmp)
+    tmp.replace(out)
+    return report
+
+
 def load_vae(kind: str, ckpt: str | Path | None = None, version: str = "v1.0", device="cpu") -> nn.Module:
-    """The frozen VAE a script asks for by name: "pixel" (PixelVAE) or "vidtok" (VidTokVAE from `ckpt`)."""
+    """The frozen VAE a script asks for by name: "pixel" (PixelVAE), "demo" (DemoVAE from `ckpt`) or "vidtok"
+    (VidTokVAE from `ckpt`)."""
     if kind == "pixel":
         return PixelVAE()
-    if kind != "vidtok":
-        raise ValueError(f"VAE kind must be 'pixel' or 'vidtok'; got {kind!r}")
+    if kind not in VAE_KINDS:
+        raise ValueError(f"VAE kind must be one of {VAE_KINDS}; got {kind!r}")
     if ckpt is None:
         raise ValueError("the VidTok VAE needs its checkpoint (vidtok_kl_causal_488_16chn.ckpt from the microsoft/VidTok "
-                         "Hugging Face repository; flag --vae-ckpt), or use the pixel VAE (--vae pixel)")
+                         "Hugging Face repository; flag --vae-ckpt), or use the pixel VAE (--vae pixel)" if kind == "vidtok"
+                         else "the demo VAE needs its checkpoint (--vae-ckpt; python vae.py train-demo writes one)")
+    if kind == "demo":
+        return DemoVAE.from_checkpoint(ckpt).to(device)
     return VidTokVAE.from_checkpoint(ckpt, version=version).to(device)
+
+
+def main(argv=None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(description="Train the demo VAE (DemoVAE) on a folder of videos, e.g. the synthetic data.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train-demo", help="train a DemoVAE on every frame of a folder's clips")
+    train.add_argument("--data", type=Path, required=True, help="video folder")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint to write (fp16)")
+    train.add_argument("--frames", type=int, default=5, help="frames per clip read from each video")
+    train.add_argument("--fps", type=float, default=4.0)
+    train.add_argument("--size", type=int, default=32, help="frame side in pixels (a multiple of 4)")
+    train.add_argument("--steps", type=int, default=800)
+    train.add_argument("--batch-size", type=int, default=32, help="frames per step")
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if min(args.frames, args.steps, args.batch_size) < 1 or not args.fps > 0 or not args.lr > 0 or args.size % 4 \
+            or args.size < 4:
+        p.error("--frames, --steps and --batch-size must be >= 1, --fps and --lr > 0, --size a positive multiple of 4")
+    report = train_demo_vae(args.data, args.out, args.frames, args.fps, args.size, args.steps, args.batch_size,
+                            args.lr, seed=args.seed, device=args.device)
+    print(f"wrote {args.out}: held-out PSNR {report['val_psnr']:.2f} dB after {args.steps} steps "
+          f"({report['seconds']:.0f} s, {report['frames']} training frames)")
+
+
+if __name__ == "__main__":
+    main()

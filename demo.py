@@ -1,0 +1,279 @@
+"""The demo: bundled models that draw "a red circle moving left", and the figures that show what they learned.
+
+Paper: §4.2-4.3 (reconstruction and generation from any number of tokens per frame), §1 and §4.2 (the first
+tokens carry semantics and motion). `make demo-train` trains the four small models of the demo from scratch on
+the built-in synthetic data (data.py: 48 classes, 4 colours x 3 shapes x 4 motions, captions like "a red circle
+moving left"); `export` then writes them to assets/demo (fp16) with demo.json, the figures they reach:
+
+    vae.pt       DemoVAE, 32x32 frames <-> 8x8x4 latents            (python vae.py train-demo)
+    tok.pt       the "demo" tokenizer: 5 latent frames x K = 8 tokens, FSQ (8, 5, 5, 5) = 1000 codes
+    ar-class.pt  class-conditional AR model ("demo" preset)
+    ar-text.pt   text-conditional AR model (byte-level text encoder trained with it)
+
+    python demo.py                      # make demo: samples, reconstructions and figures -> out/demo
+    python demo.py export --work out/demo-train          # make demo-train's last step -> assets/demo
+
+The figures, each at every budget k = 1, 2, 4, ..., K tokens per frame: adherence (eval.detect) of 32 samples
+for 4 prompts and 4 classes that together cover every colour, shape and motion; PSNR and adherence of held-out
+clips reconstructed from their own first k tokens; and the token-position probe (eval.token_probe).
+"""
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
+from decoder import APG, token_budgets
+from eval import adherence, class_from_prompt, psnr, token_probe
+from sample import DEMO_ASSETS, load_ar
+from tokenizer import VideoFlexTok
+from vae import DemoVAE
+
+# Four prompts and four classes that together cover every colour, shape and motion.
+PROMPTS = ("a red circle moving left", "a green square moving right", "a blue triangle moving up",
+           "a yellow circle moving down")
+CLASSES = ("blue_square_up", "yellow_triangle_left", "red_circle_down", "green_square_right")
+CLIP = dict(frames=5, fps=4.0, size=32)          # the demo's clips: 5 frames at 4 fps, 32x32
+DATA = dict(num=1920, size=32, frames=5, fps=4.0)  # the training videos (make demo-train), 40 per class
+HELDOUT = dict(num=96, seed=1, size=32, frames=5, fps=4.0)
+DECODE = dict(steps=25, guidance=1.0, apg=None)  # flow decoder settings of every figure
+AR_SAMPLING = dict(cfg_scale=3.0, temperature=1.0, top_k=None)
+FILES = ("vae.pt", "tok.pt", "ar-class.pt", "ar-text.pt")
+
+
+################################################################################
+# The bundled models
+
+class Bundle:
+    """The four demo models of a folder (assets/demo by default), in eval mode."""
+
+    def __init__(self, root=DEMO_ASSETS, device="cpu"):
+        root = Path(root)
+        missing = [name for name in FILES if not (root / name).is_file()]
+        if missing:
+            raise SystemExit(f"demo models missing in {root}: {', '.join(missing)}. Run `make demo-train` to train "
+                             "them (about an hour on 2 CPU cores), or restore them with git checkout assets/demo")
+        try:
+            self.vae = DemoVAE.from_checkpoint(root / "vae.pt").to(device)
+            self.tok = VideoFlexTok.from_checkpoint(root / "tok.pt").to(device)
+            self.ar = {cond: load_ar(root / f"ar-{cond}.pt", device) for cond in ("class", "text")}
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            raise SystemExit(f"a demo model in {root} is corrupt ({err}). Run `make demo-train` to train them "
+                             "again, or restore them with git checkout assets/demo") from err
+        for ar, _ in self.ar.values():
+            ar.check_tokenizer(self.tok)
+        self.device = device
+
+    @torch.no_grad()
+    def sample(self, cond, what, k, n, seed=0):
+        """n videos (n, 3, T, H, W) for a class name (cond "class") or a prompt (cond "text"), k tokens per frame."""
+        ar, state = self.ar[cond]
+        gen = torch.Generator(self.device).manual_seed(seed)
+        if cond == "class":
+            kwargs = {"cls": torch.full((n,), state["classes"].index(what), device=self.device)}
+        else:
+            text, mask = ar.encode_text([what] * n)
+            kwargs = {"text": text, "text_mask": mask}
+        ids = ar.generate(**kwargs, tokens_per_frame=k, generator=gen, **AR_SAMPLING)
+        return self.tok.detokenize(ids, self.vae, generator=gen, **DECODE).clamp(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, videos, k, seed=0):
+        gen = torch.Generator(self.device).manual_seed(seed)
+        ids = self.tok.tokenize(videos, self.vae)
+        return self.tok.detokenize(ids[..., :k], self.vae, generator=gen, **DECODE).clamp(-1, 1)
+
+
+def clips(root, device="cpu"):
+    """All clips of a synthetic folder -> (videos (N, 3, T, H, W), class names)."""
+    folder = VideoFolder(root, train=False, **CLIP)
+    items = [folder[i] for i in range(len(folder))]
+    return torch.stack([v for v, _, _ in items]).to(device), [folder.classes[label] for _, label, _ in items]
+
+
+def demo_data(root):
+    """The training and held-out synthetic folders under `root`, generated on first use."""
+    root = Path(root)
+    return synthetic_data(root / "data", **DATA), synthetic_data(root / "heldout", **HELDOUT)
+
+
+################################################################################
+# The figures
+
+def sample_adherence(bundle, cond, names, budgets, n=32, seed=0):
+    """{k: adherence} of n samples spread evenly over `names` (prompts or classes) at each budget."""
+    per = n // len(names)
+    out = {}
+    for k in budgets:
+        videos, wanted = [], []
+        for i, name in enumerate(names):
+            videos += list(bundle.sample(cond, name, k, per, seed=seed + i))
+            wanted += [class_from_prompt(name) if cond == "text" else name] * per
+        out[k] = adherence(videos, wanted)
+    return out
+
+
+def reconstruction_figures(bundle, videos, names, budgets, seed=0):
+    """{k: {"psnr", "color", "shape", "motion", "class"}} of held-out clips from their first k tokens."""
+    out = {}
+    for k in budgets:
+        recon = torch.cat([bundle.reconstruct(videos[i:i + 32], k, seed) for i in range(0, len(videos), 32)])
+        out[k] = {"psnr": psnr(recon, videos)} | adherence(list(recon), names)
+    return out
+
+
+@torch.no_grad()
+def probe_figures(bundle, train, heldout):
+    """eval.token_probe on the codes of the training clips, scored on the held-out ones."""
+    ids = [torch.cat([bundle.tok.tokenize(v[i:i + 64], bundle.vae) for i in range(0, len(v), 64)]).cpu()
+           for v, _ in (train, heldout)]
+    return token_probe(ids[0], train[1], ids[1], heldout[1], bundle.tok.cfg.fsq_levels)
+
+
+def figures(bundle, data_root, log=print):
+    budgets = token_budgets(bundle.tok.cfg.registers)
+    train_root, heldout_root = demo_data(data_root)
+    train, heldout = clips(train_root, bundle.device), clips(heldout_root, bundle.device)
+    start = time.time()
+    result = {"text": sample_adherence(bundle, "text", PROMPTS, budgets),
+              "class": sample_adherence(bundle, "class", CLASSES, budgets),
+              "reconstruction": reconstruction_figures(bundle, *heldout, budgets),
+              "probe": probe_figures(bundle, train, heldout),
+              "settings": {"prompts": PROMPTS, "classes": CLASSES, "samples_per_budget": 32,
+                           "heldout_clips": len(heldout[0]), "decode": {**DECODE, "apg": None},
+                           "ar_sampling": AR_SAMPLING}}
+    log(f"figures in {time.time() - start:.0f} s")
+    return result
+
+
+def print_figures(fig, log=print):
+    rec = fig["reconstruction"]
+    log("\nheld-out reconstructions from the first k tokens of every frame "
+        f"({fig['settings']['heldout_clips']} clips):")
+    log("    k   PSNR   colour  shape  motion  class")
+    for k, r in rec.items():
+        log(f"{k:5}  {r['psnr']:5.2f}  " + "  ".join(f"{100 * r[key]:5.1f}%" for key in ("color", "shape", "motion", "class")))
+    for cond, names in (("text", fig["settings"]["prompts"]), ("class", fig["settings"]["classes"])):
+        log(f"\n{cond}-to-video adherence, 32 samples per budget over: " + "; ".join(names))
+        log("    k   colour  shape  motion  class")
+        for k, a in fig[cond].items():
+            log(f"{k:5}  " + "  ".join(f"{100 * a[key]:5.1f}%" for key in ("color", "shape", "motion", "class")))
+    log("\ntoken-position probe: held-out accuracy of a logistic regression on one token position's codes")
+    log("  pos   colour  shape  motion  class")
+    probe = fig["probe"]
+    for j in range(len(probe["color"])):
+        log(f"{j + 1:5}  " + "  ".join(f"{100 * probe[key][j]:5.1f}%" for key in ("color", "shape", "motion", "class")))
+
+
+################################################################################
+# make demo
+
+def run_demo(out, data_root, device):
+    bundle = Bundle(device=device)
+    budgets = token_budgets(bundle.tok.cfg.registers)
+    _, heldout_root = demo_data(data_root)
+    heldout = clips(heldout_root, device)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))   # moved into place at the end
+    try:
+        prompt, cls = PROMPTS[0], CLASSES[0]
+        clip, clip_name = heldout[0][:1], heldout[1][0]
+        rows = []
+        for k in budgets:
+            videos = {f"text-{prompt.replace(' ', '_')}": bundle.sample("text", prompt, k, 1)[0],
+                      f"class-{cls}": bundle.sample("class", cls, k, 1)[0],
+                      f"reconstruct-{clip_name}": bundle.reconstruct(clip, k)[0]}
+            for name, video in videos.items():
+                write_video(tmp / f"{name}-k{k}.mp4", to_uint8(video), fps=CLIP["fps"])
+            rows.append(np.concatenate([to_uint8(v) for v in videos.values()], axis=0))
+        rows.append(np.concatenate([np.full_like(to_uint8(clip[0]), 255)] * 2 + [to_uint8(clip[0])], axis=0))
+        write_png_grid(tmp / "demo.png", np.stack(rows))
+        print(f"demo.png: rows = k = {', '.join(map(str, budgets))} tokens per frame, then the input clip; "
+              f"columns = the frames of {prompt!r}, of class {cls} and of the held-out clip {clip_name} "
+              "reconstructed from its first k tokens")
+        fig = figures(bundle, data_root)
+        print_figures(fig)
+        (tmp / "figures.json").write_text(json.dumps(fig, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nwrote {out}/: demo.png, one mp4 per budget for the prompt, the class and the reconstruction, figures.json")
+
+
+################################################################################
+# make demo-train's last step: the training checkpoints -> assets/demo
+
+def latest(run_dir):
+    ckpts = sorted(Path(run_dir).glob("ckpt-*.pt"))
+    if not ckpts:
+        raise SystemExit(f"no checkpoint in {run_dir}: run make demo-train")
+    return ckpts[-1]
+
+
+def half(weights):
+    return {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def export(work, out, data_root, command):
+    """Write the demo models of a make demo-train work folder to `out` (fp16, inference weights only, the EMA
+    where there is one), measure their figures, and write demo.json: commit, command, machine, figures."""
+    work, out = Path(work), Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-export-", dir=out.parent if out.parent.exists() else None))
+    try:
+        shutil.copy(work / "vae.pt", tmp / "vae.pt")
+        tok = torch.load(latest(work / "tok"), map_location="cpu", weights_only=True)
+        torch.save({"config": tok["config"], "model": None, "ema": half(tok["ema"] or tok["model"]),
+                    "step": tok["step"]}, tmp / "tok.pt")
+        for cond in ("class", "text"):
+            ar = torch.load(latest(work / f"ar-{cond}"), map_location="cpu", weights_only=True)
+            torch.save({"config": ar["config"], "model": half(ar["ema"] or ar["model"]), "step": ar["step"],
+                        "tok_ckpt": "tok.pt", "classes": ar["classes"], "captions": ar.get("captions")},
+                       tmp / f"ar-{cond}.pt")
+        fig = figures(Bundle(tmp), data_root)
+        print_figures(fig)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        steps = {name: torch.load(tmp / name, map_location="cpu", weights_only=True).get("step")
+                 for name in FILES[1:]}
+        (tmp / "demo.json").write_text(json.dumps({
+            "commit": commit, "command": command, "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+            f"threads, torch {torch.__version__}", "training_steps": steps,
+            "bytes": {name: (tmp / name).stat().st_size for name in FILES}, "figures": fig}, indent=1) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        for path in tmp.iterdir():
+            path.replace(out / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {', '.join(FILES)} and demo.json to {out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=["run", "export"])
+    p.add_argument("--out", type=Path, default=None, help="default: out/demo (run) or assets/demo (export)")
+    p.add_argument("--data", type=Path, default=Path("out/demo-data"),
+                   help="where the synthetic training and held-out clips are (generated if missing)")
+    p.add_argument("--work", type=Path, default=Path("out/demo-train"), help="export: make demo-train's work folder")
+    p.add_argument("--command-line", default="make demo-train", help="export: the command recorded in demo.json")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.command == "run":
+        run_demo(args.out or Path("out/demo"), args.data, device)
+    else:
+        export(args.work, args.out or DEMO_ASSETS, args.data, args.command_line)
+
+
+if __name__ == "__main__":
+    main()
