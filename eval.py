@@ -232,12 +232,14 @@ def psnr(a, b):
 
 
 def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps: int = 25, generator=None, i3d=None,
-                           batch_size: int = 8) -> dict:
-    """{k: {"psnr": dB, "rfvd": FVD or None}} for reconstructions from the first k tokens of every latent frame.
+                           batch_size: int = 8, names=None) -> dict:
+    """{k: {"psnr": dB, "rfvd": FVD or None[, "adherence"]}} for reconstructions from the first k tokens of every
+    latent frame.
 
     videos: (N, 3, T, H, W) in [-1, 1] or an iterable of such batches, encoded once each. budgets: default
     1, 2, 4, ..., K. PSNR is over the whole set (the mean squared error of every pixel, as `psnr` on one
-    batch); rFVD (real clips against their reconstructions) needs `i3d` (fvd.load_i3d) and >= 9 frames."""
+    batch); rFVD (real clips against their reconstructions) needs `i3d` (fvd.load_i3d) and >= 9 frames.
+    names: the synthetic class of every video, to score the reconstructions' adherence too."""
     from fvd import FeatureStats, frechet_distance_from_stats, video_stats
 
     budgets = list(budgets or token_budgets(tokenizer.cfg.registers))
@@ -245,7 +247,8 @@ def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps: int = 25
         raise ValueError(f"budgets must lie in [1, {tokenizer.cfg.registers}] (the tokenizer's K); got {budgets}")
     sq_err = {k: 0.0 for k in budgets}   # summed per-pixel squared error, so batches of any size weigh fairly
     real, fake = FeatureStats(), {k: FeatureStats() for k in budgets}
-    pixels = 0
+    scores = {k: [] for k in budgets}
+    pixels = seen = 0
     for batch in _batches(videos):
         latents = vae.encode(batch)
         ids = tokenizer.encode(latents)
@@ -257,11 +260,18 @@ def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps: int = 25
             sq_err[k] += mse(recon, batch) * batch.numel()
             if i3d is not None:
                 video_stats(recon, i3d, batch_size=batch_size, stats=fake[k])
+            if names is not None:
+                scores[k].append(adherence(list(recon), names[seen:seen + len(batch)]))
         pixels += batch.numel()
+        seen += len(batch)
     if not pixels:
         raise ValueError("no videos to evaluate")
-    return {k: {"psnr": float(10 * np.log10(4 / (sq_err[k] / pixels))),
-                "rfvd": frechet_distance_from_stats(real, fake[k]) if i3d is not None else None} for k in budgets}
+    out = {k: {"psnr": float(10 * np.log10(4 / (sq_err[k] / pixels))),
+               "rfvd": frechet_distance_from_stats(real, fake[k]) if i3d is not None else None} for k in budgets}
+    for k in budgets if names is not None else ():
+        out[k]["adherence"] = {key: sum(a[key] * a["n"] for a in scores[k]) / seen for key in ("color", "shape",
+                                                                                               "motion", "class")}
+    return out
 
 
 def psnr_by_budget(tokenizer, vae, videos, budgets=None, steps: int = 25, generator=None) -> dict:
@@ -421,9 +431,9 @@ def scene_codes(scene: dict, registers: int) -> torch.Tensor:
     color = list(COLORS).index(scene["color"])
     shape_codes = np.stack([cx / size * 2 - 1, cy / size * 2 - 1, np.full(frames, color / 1.5 - 1),
                             np.full(frames, SHAPES.index(scene["shape"]) - 1.0),
-                            np.full(frames, (scene["r"] / size - 0.13) / 0.03), np.zeros(frames)], axis=1)
-    background = [grey / 100 - 1.2, *(tint / 12), scene["ramp"] / 30 * np.cos(scene["angle"]),
-                  scene["ramp"] / 30 * np.sin(scene["angle"])]
+                            np.full(frames, (scene["r"] / size - 0.23) / 0.03), np.zeros(frames)], axis=1)
+    background = [(grey - 128) / 18, *(tint / 4), scene["ramp"] / 10 * np.cos(scene["angle"]),
+                  scene["ramp"] / 10 * np.sin(scene["angle"])]
     codes = np.repeat(shape_codes[:, None], registers, axis=1)
     if registers > 1:
         codes[:, 1] = background
@@ -671,11 +681,19 @@ def run_recon(args) -> dict:
     i3d = load_i3d(args.i3d_ckpt).to(device) if args.i3d_ckpt is not None else None   # fail before decoding
     tok, vae, batches = load_tokenizer_and_clips(args, device)
     gen = torch.Generator(device).manual_seed(args.seed)
+    # A folder of synthetic classes (data.py synthetic): also score what the reconstructions show.
+    folder = VideoFolder(args.data or synthetic_data(), frames=args.frames, fps=args.fps,
+                         size=tok.cfg.latent_size * vae.spatial_factor, train=False)
+    names = [folder.classes[label] for label in folder.labels[:args.num]] if folder.classes else []
+    names = names if names and all(name in SYNTHETIC_CLASSES for name in names) else None
     metrics = reconstruction_metrics(tok, vae, batches, steps=args.steps, generator=gen, i3d=i3d,
-                                     batch_size=args.batch_size)
-    print("tokens/frame  PSNR (dB)" + ("  rFVD" if i3d is not None else ""))
+                                     batch_size=args.batch_size, names=names)
+    print("tokens/frame  PSNR (dB)" + ("  rFVD" if i3d is not None else "")
+          + ("  colour  shape  motion  class (adherence)" if names else ""))
     for k, m in metrics.items():
-        print(f"{k:12d}  {m['psnr']:9.2f}" + (f"  {m['rfvd']:.1f}" if i3d is not None else ""))
+        print(f"{k:12d}  {m['psnr']:9.2f}" + (f"  {m['rfvd']:.1f}" if i3d is not None else "")
+              + ("".join(f"  {100 * m['adherence'][key]:5.1f}%" for key in ("color", "shape", "motion", "class"))
+                 if names else ""))
     if i3d is None:
         print("no --i3d-ckpt: rFVD not computed")
     return metrics

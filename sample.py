@@ -87,7 +87,8 @@ def parse_args(argv=None):
     ckpts.add_argument("--t5", type=Path, default=None, help="T5 directory, for AR models conditioned on T5 features")
     flow = p.add_argument_group("flow decoder")
     flow.add_argument("--steps", type=int, default=25, help="Euler steps")
-    flow.add_argument("--guidance", type=float, default=25.0, help="guidance scale (1 = off); official video setting 25")
+    flow.add_argument("--guidance", type=float, default=None,
+                      help="guidance scale (1 = off); default 25, the official video setting (1 with the bundled demo models)")
     flow.add_argument("--apg", action=argparse.BooleanOptionalAction, default=True,
                       help="adaptive projected guidance (official: on); --no-apg gives plain CFG")
     gen = p.add_argument_group("AR sampling")
@@ -409,7 +410,9 @@ def use_bundled(args):
     the text model for --prompt, the class model for --class, the tokenizer alone for --reconstruct."""
     if args.ar_ckpt or args.tok_ckpt:
         args.vae = args.vae or "pixel"
+        args.guidance = 25.0 if args.guidance is None else args.guidance
         return
+    args.guidance = 1.0 if args.guidance is None else args.guidance   # the setting of the demo's figures
     if args.prompt and args.classes:
         raise ValueError("the bundled demo models take --prompt or --class, not both; give --ar-ckpt for a model "
                          "conditioned on both")

@@ -104,7 +104,7 @@ class TokenizerConfig:
                          max_frames=17, registers=16, repa_dim=384, repa_depth=1, repa_layer=0),
             # The bundled demo model (make demo-train): 5-frame 32 px clips through the demo VAE (8x8x4 latents),
             # K = 8, and a small FSQ grid, so that the AR model's vocabulary is small too.
-            "demo": dict(enc_depth=4, dec_depth=4, enc_dim=128, dec_dim=192, latent_channels=4, latent_size=8,
+            "demo": dict(enc_depth=2, dec_depth=2, enc_dim=128, dec_dim=128, latent_channels=4, latent_size=8,
                          patch_size=2, max_frames=5, registers=8, fsq_levels=(8, 5, 5, 5), repa_dim=0,
                          time_sampling="uniform"),
             "d12-d12": dict(enc_depth=12, dec_depth=12),

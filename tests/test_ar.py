@@ -127,7 +127,9 @@ def test_cache_accepts_several_positions_after_the_start(model):
              model._hidden(seq[:, 2:6], FRAMES, *cond, start=3, caches=caches),
              model._hidden(seq[:, 6:7], FRAMES, *cond, start=7, caches=caches),
              model._hidden(seq[:, 7:8], FRAMES, *cond, start=8, caches=caches)]
-    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+    # fp32 rounding: the chunks run other kernels than the full pass (4e-5 measured on values up to 3.4 with
+    # the text branch on a 2-core x86 CPU); a cache that mixes up positions is off by O(1)
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-4)
 
 
 def test_guidance_changes_samples_and_scale_one_is_plain(model):
