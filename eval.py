@@ -537,9 +537,9 @@ def parse_args(argv=None):
     rec = commands.add_parser("recon", help="PSNR per token budget and, with --i3d-ckpt, rFVD of reconstructions")
     codes = commands.add_parser("codes", help="FSQ codebook usage of a tokenizer: distinct ids, saturation")
     flow = commands.add_parser("flow", help="the decoder's flow loss per noise level, with its tokens and without")
-    probe = commands.add_parser("probe", help="held-out accuracy of colour, shape and motion from each token position "
+    probe_cmd = commands.add_parser("probe", help="held-out accuracy of colour, shape and motion from each token position "
                                               "(logistic regression on the synthetic data's codes)")
-    for sub in (rec, codes, flow, probe):
+    for sub in (rec, codes, flow, probe_cmd):
         sub.add_argument("--tok-ckpt", type=Path, required=True,
                          help="tokenizer checkpoint (train_tok.py, or an official model.safetensors)")
         sub.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data")
@@ -547,8 +547,8 @@ def parse_args(argv=None):
         sub.add_argument("--vae-ckpt", type=Path, default=None)
         sub.add_argument("--vae-version", default="v1.0", choices=["v1.0", "v1.1"])
         sub.add_argument("--num", type=int, default=32, help="clips evaluated (the first ones of the folder)")
-    probe.add_argument("--heldout", type=Path, required=True, help="synthetic video folder the probe is scored on")
-    probe.set_defaults(num=None)   # fit on every training clip
+    probe_cmd.add_argument("--heldout", type=Path, required=True, help="synthetic video folder the probe is scored on")
+    probe_cmd.set_defaults(num=None)   # fit on every training clip
     rec.add_argument("--steps", type=int, default=25, help="Euler steps of the flow decoder")
     for sub in (rec, flow):
         sub.add_argument("--seed", type=int, default=0)
@@ -574,7 +574,7 @@ def parse_args(argv=None):
     gen.add_argument("--size", type=int, default=None, help="side in pixels; default: the generated videos' size")
     for sub in (rec, gen):
         sub.add_argument("--i3d-ckpt", type=Path, default=None, help="Kinetics-400 I3D weights, i3d_pretrained_400.pt (see fvd.py)")
-    for sub in (rec, codes, flow, probe, gen, ceil):
+    for sub in (rec, codes, flow, probe_cmd, gen, ceil):
         sub.add_argument("--frames", type=int, default=17)
         sub.add_argument("--fps", type=float, default=4.0)
         sub.add_argument("--batch-size", type=int, default=8)
@@ -669,7 +669,7 @@ def run_probe(args) -> dict:
     print("position  " + "  ".join(f"{key:>6s}" for key in scores))
     for j in range(len(scores["color"])):
         print(f"{j + 1:8d}  " + "  ".join(f"{100 * scores[key][j]:5.1f}%" for key in scores))
-    print(f"chance    " + "  ".join(f"{100 / n:5.1f}%" for n in (len(COLORS), len(SHAPES), len(MOTIONS),
+    print("chance    " + "  ".join(f"{100 / n:5.1f}%" for n in (len(COLORS), len(SHAPES), len(MOTIONS),
                                                                   len(SYNTHETIC_CLASSES))))
     return scores
 
