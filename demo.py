@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
-from decoder import APG, token_budgets
+from decoder import token_budgets
 from eval import adherence, class_from_prompt, psnr, token_probe
 from sample import DEMO_ASSETS, load_ar
 from tokenizer import VideoFlexTok
@@ -147,7 +147,7 @@ def figures(bundle, data_root, log=print):
               "reconstruction": reconstruction_figures(bundle, *heldout, budgets),
               "probe": probe_figures(bundle, train, heldout),
               "settings": {"prompts": PROMPTS, "classes": CLASSES, "samples_per_budget": 32,
-                           "heldout_clips": len(heldout[0]), "decode": {**DECODE, "apg": None},
+                           "heldout_clips": len(heldout[0]), "decode": DECODE,
                            "ar_sampling": AR_SAMPLING}}
     log(f"figures in {time.time() - start:.0f} s")
     return result

@@ -1,7 +1,6 @@
 """The demo: the demo VAE, the token-position probe, demo.py's bundle and export, and the bundled models
 themselves (assets/demo): they load, and their samples show the requested class."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
