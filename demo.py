@@ -31,9 +31,10 @@ import torch
 
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
 from decoder import token_budgets
-from eval import adherence, class_from_prompt, psnr, token_probe
+from eval import adherence, batches_of, class_from_prompt, class_names, psnr, token_probe
 from sample import DEMO_ASSETS, load_ar
 from tokenizer import VideoFlexTok
+from trainer import last_checkpoint
 from vae import DemoVAE
 
 # Four prompts and four classes that together cover every colour, shape and motion.
@@ -91,17 +92,15 @@ class Bundle:
         return self.tok.detokenize(ids[..., :k], self.vae, generator=gen, **DECODE).clamp(-1, 1)
 
 
-def clips(root, device="cpu"):
-    """All clips of a synthetic folder -> (videos (N, 3, T, H, W), class names)."""
-    folder = VideoFolder(root, train=False, **CLIP)
-    items = [folder[i] for i in range(len(folder))]
-    return torch.stack([v for v, _, _ in items]).to(device), [folder.classes[label] for _, label, _ in items]
-
-
-def demo_data(root):
-    """The training and held-out synthetic folders under `root`, generated on first use."""
+def demo_clips(root, device="cpu"):
+    """The training and held-out synthetic clips under `root` (generated on first use), each as (videos
+    (N, 3, T, H, W), class names)."""
     root = Path(root)
-    return synthetic_data(root / "data", **DATA), synthetic_data(root / "heldout", **HELDOUT)
+    out = []
+    for folder in (synthetic_data(root / "data", **DATA), synthetic_data(root / "heldout", **HELDOUT)):
+        ds = VideoFolder(folder, train=False, **CLIP)
+        out.append((torch.cat(list(batches_of(ds, batch_size=64))).to(device), class_names(ds)))
+    return out
 
 
 ################################################################################
@@ -137,10 +136,10 @@ def probe_figures(bundle, train, heldout):
     return token_probe(ids[0], train[1], ids[1], heldout[1], bundle.tok.cfg.fsq_levels)
 
 
-def figures(bundle, data_root, log=print):
+def figures(bundle, train, heldout, log=print):
+    """Every figure of the demo: sample adherence, held-out reconstructions and the probe, per budget.
+    train, heldout: (videos, class names) of the training and held-out clips (demo_clips)."""
     budgets = token_budgets(bundle.tok.cfg.registers)
-    train_root, heldout_root = demo_data(data_root)
-    train, heldout = clips(train_root, bundle.device), clips(heldout_root, bundle.device)
     start = time.time()
     result = {"text": sample_adherence(bundle, "text", PROMPTS, budgets),
               "class": sample_adherence(bundle, "class", CLASSES, budgets),
@@ -178,8 +177,7 @@ def print_figures(fig, log=print):
 def run_demo(out, data_root, device):
     bundle = Bundle(device=device)
     budgets = token_budgets(bundle.tok.cfg.registers)
-    _, heldout_root = demo_data(data_root)
-    heldout = clips(heldout_root, device)
+    train, heldout = demo_clips(data_root, device)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))   # moved into place at the end
@@ -199,7 +197,7 @@ def run_demo(out, data_root, device):
         print(f"demo.png: rows = k = {', '.join(map(str, budgets))} tokens per frame, then the input clip; "
               f"columns = the frames of {prompt!r}, of class {cls} and of the held-out clip {clip_name} "
               "reconstructed from its first k tokens")
-        fig = figures(bundle, data_root)
+        fig = figures(bundle, train, heldout)
         print_figures(fig)
         (tmp / "figures.json").write_text(json.dumps(fig, indent=1))
         if out.exists():
@@ -214,10 +212,11 @@ def run_demo(out, data_root, device):
 # make demo-train's last step: the training checkpoints -> assets/demo
 
 def latest(run_dir):
-    ckpts = sorted(Path(run_dir).glob("ckpt-*.pt"))
-    if not ckpts:
+    """The newest checkpoint of a make demo-train run directory, loaded."""
+    path = last_checkpoint(Path(run_dir))
+    if path is None:
         raise SystemExit(f"no checkpoint in {run_dir}: run make demo-train")
-    return ckpts[-1]
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def half(weights):
@@ -231,20 +230,20 @@ def export(work, out, data_root, command):
     tmp = Path(tempfile.mkdtemp(prefix=".demo-export-", dir=out.parent if out.parent.exists() else None))
     try:
         shutil.copy(work / "vae.pt", tmp / "vae.pt")
-        tok = torch.load(latest(work / "tok"), map_location="cpu", weights_only=True)
+        tok = latest(work / "tok")
         torch.save({"config": tok["config"], "model": None, "ema": half(tok["ema"] or tok["model"]),
                     "step": tok["step"]}, tmp / "tok.pt")
+        steps = {"tok.pt": tok["step"]}
         for cond in ("class", "text"):
-            ar = torch.load(latest(work / f"ar-{cond}"), map_location="cpu", weights_only=True)
+            ar = latest(work / f"ar-{cond}")
             torch.save({"config": ar["config"], "model": half(ar["ema"] or ar["model"]), "step": ar["step"],
                         "tok_ckpt": "tok.pt", "classes": ar["classes"], "captions": ar.get("captions")},
                        tmp / f"ar-{cond}.pt")
-        fig = figures(Bundle(tmp), data_root)
+            steps[f"ar-{cond}.pt"] = ar["step"]
+        fig = figures(Bundle(tmp), *demo_clips(data_root))
         print_figures(fig)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or "unknown"
-        steps = {name: torch.load(tmp / name, map_location="cpu", weights_only=True).get("step")
-                 for name in FILES[1:]}
         (tmp / "demo.json").write_text(json.dumps({
             "commit": commit, "command": command, "machine": f"{platform.machine()}, {torch.get_num_threads()} "
             f"threads, torch {torch.__version__}", "training_steps": steps,

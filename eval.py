@@ -499,10 +499,20 @@ def folder_batches(root, frames: int, fps: float, size: int, num: int | None = N
                    eval_start: str = "center", index=None):
     """Batches (B, 3, frames, size, size) of the fixed evaluation clips of a video folder (data.VideoFolder),
     the first `num` videos (all by default)."""
-    ds = VideoFolder(root, frames=frames, fps=fps, size=size, train=False, eval_start=eval_start, index=index)
+    yield from batches_of(VideoFolder(root, frames=frames, fps=fps, size=size, train=False, eval_start=eval_start,
+                                      index=index), num, batch_size)
+
+
+def batches_of(ds, num: int | None = None, batch_size: int = 8):
+    """Batches (B, 3, T, H, W) of the first `num` clips of a VideoFolder (all by default)."""
     n = len(ds) if num is None else min(num, len(ds))
     for start in range(0, n, batch_size):
         yield torch.stack([ds[i][0] for i in range(start, min(start + batch_size, n))])
+
+
+def class_names(ds, num: int | None = None) -> list[str]:
+    """The class folder names of the first `num` clips of a VideoFolder ([] without the class layout)."""
+    return [ds.classes[label] for label in ds.labels[:num]] if ds.classes else []
 
 
 def gfvd(real_root, fake_root, i3d, frames: int = 17, fps: float = 4.0, size: int | None = None,
@@ -609,21 +619,25 @@ def run_adherence(args) -> dict:
 
 
 def load_tokenizer_and_clips(args, device):
-    """recon, codes and flow: the tokenizer, its VAE, and batches of clips at the tokenizer's trained size."""
+    """recon, codes, flow and probe: the tokenizer, its VAE, the --data folder and batches of its clips."""
     from tokenizer import VideoFlexTok
     from vae import load_vae
 
     tok = VideoFlexTok.from_pretrained(args.tok_ckpt).to(device)
     vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
-    size = tok.cfg.latent_size * vae.spatial_factor
-    batches = (b.to(device) for b in folder_batches(args.data or synthetic_data(), args.frames, args.fps, size,
-                                                    args.num, args.batch_size))
-    return tok, vae, batches
+    return (tok, vae, *clips_for(args, tok, vae, args.data or synthetic_data(), device))
+
+
+def clips_for(args, tok, vae, root, device):
+    """A video folder at the tokenizer's trained size, and batches of its first --num clips on `device`."""
+    folder = VideoFolder(root, frames=args.frames, fps=args.fps, size=tok.cfg.latent_size * vae.spatial_factor,
+                         train=False)
+    return folder, (b.to(device) for b in batches_of(folder, args.num, args.batch_size))
 
 
 def run_codes(args) -> dict:
     device = pick_device(args)
-    tok, vae, batches = load_tokenizer_and_clips(args, device)
+    tok, vae, _, batches = load_tokenizer_and_clips(args, device)
     usage = codebook_usage(tok, vae, batches)
     print(f"{usage['clips']} clips, {usage['tokens']} tokens, codebook {tok.codebook_size}")
     for i, n in enumerate(usage["distinct_by_position"]):
@@ -635,7 +649,7 @@ def run_codes(args) -> dict:
 
 def run_flow(args) -> dict:
     device = pick_device(args)
-    tok, vae, batches = load_tokenizer_and_clips(args, device)
+    tok, vae, _, batches = load_tokenizer_and_clips(args, device)
     batches = list(batches)
     losses = token_reliance(tok, vae, batches, generator=torch.Generator(device).manual_seed(args.seed))
     print("noise level t  flow loss with all tokens  with none (null condition)")
@@ -653,16 +667,12 @@ def run_flow(args) -> dict:
 
 def run_probe(args) -> dict:
     device = pick_device(args)
-    tok, vae, _ = load_tokenizer_and_clips(args, device)
-    size = tok.cfg.latent_size * vae.spatial_factor
+    tok, vae, *train = load_tokenizer_and_clips(args, device)
     sets = []
-    for root in (args.data or synthetic_data(), args.heldout):
-        folder = VideoFolder(root, frames=args.frames, fps=args.fps, size=size, train=False)
+    for folder, batches in (train, clips_for(args, tok, vae, args.heldout, device)):
         if not folder.classes:
-            raise ValueError(f"{root} has no <class>/<video> layout: the probe needs the synthetic data's classes")
-        ids = torch.cat([tok.encode(vae.encode(b.to(device))).cpu()
-                         for b in folder_batches(root, args.frames, args.fps, size, args.num, args.batch_size)])
-        sets += [ids, [folder.classes[folder.labels[i]] for i in range(len(ids))]]
+            raise ValueError(f"{folder.root} has no <class>/<video> layout: the probe needs the synthetic data's classes")
+        sets += [torch.cat([tok.encode(vae.encode(b)).cpu() for b in batches]), class_names(folder, args.num)]
     scores = token_probe(*sets, tok.cfg.fsq_levels)
     print(f"held-out accuracy from one token position (logistic regression on its codes in every frame), "
           f"{len(sets[0])} training and {len(sets[2])} held-out clips")
@@ -679,12 +689,10 @@ def run_recon(args) -> dict:
 
     device = pick_device(args)
     i3d = load_i3d(args.i3d_ckpt).to(device) if args.i3d_ckpt is not None else None   # fail before decoding
-    tok, vae, batches = load_tokenizer_and_clips(args, device)
+    tok, vae, folder, batches = load_tokenizer_and_clips(args, device)
     gen = torch.Generator(device).manual_seed(args.seed)
     # A folder of synthetic classes (data.py synthetic): also score what the reconstructions show.
-    folder = VideoFolder(args.data or synthetic_data(), frames=args.frames, fps=args.fps,
-                         size=tok.cfg.latent_size * vae.spatial_factor, train=False)
-    names = [folder.classes[label] for label in folder.labels[:args.num]] if folder.classes else []
+    names = class_names(folder, args.num)
     names = names if names and all(name in SYNTHETIC_CLASSES for name in names) else None
     metrics = reconstruction_metrics(tok, vae, batches, steps=args.steps, generator=gen, i3d=i3d,
                                      batch_size=args.batch_size, names=names)

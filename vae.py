@@ -639,9 +639,10 @@ def train_demo_vae(root, out, frames: int, fps: float, size: int, steps: int = 8
 
     Adam with a cosine decay, MSE plus a small L2 on the latents (it keeps their scale from drifting), and
     Gaussian noise of `noise` times the latents' standard deviation added before decoding. Returns the held-out
-    PSNR (the last 5% of the frames), the steps and the seconds it took."""
+    PSNR (on a random 5% of the frames, held out), the steps and the seconds it took."""
     import time
     from data import VideoFolder
+    from trainer import lr_at   # here, not at the top: trainer imports this module
     torch.manual_seed(seed)
     clips = VideoFolder(root, frames=frames, fps=fps, size=size, train=False, index=False)
     video = torch.stack([clips[i][0] for i in range(len(clips))])                 # (N, 3, T, H, W)
@@ -653,7 +654,7 @@ def train_demo_vae(root, out, frames: int, fps: float, size: int, steps: int = 8
     start = time.time()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi)).item()))
+            group["lr"] = lr_at(step, lr, 0, steps, 0.05)
         x = train[torch.randint(len(train), (batch_size,)).to(device)]
         z = model.enc(x)
         recon = model.dec(z + noise * z.detach().std() * torch.randn_like(z))
