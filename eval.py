@@ -431,7 +431,7 @@ def scene_codes(scene: dict, registers: int) -> torch.Tensor:
     color = list(COLORS).index(scene["color"])
     shape_codes = np.stack([cx / size * 2 - 1, cy / size * 2 - 1, np.full(frames, color / 1.5 - 1),
                             np.full(frames, SHAPES.index(scene["shape"]) - 1.0),
-                            np.full(frames, (scene["r"] / size - 0.23) / 0.03), np.zeros(frames)], axis=1)
+                            np.full(frames, (scene["r"] / size - 0.26) / 0.02), np.zeros(frames)], axis=1)
     background = [(grey - 128) / 18, *(tint / 4), scene["ramp"] / 10 * np.cos(scene["angle"]),
                   scene["ramp"] / 10 * np.sin(scene["angle"])]
     codes = np.repeat(shape_codes[:, None], registers, axis=1)
