@@ -37,9 +37,9 @@ AR_STEPS   = 1000
 AR_FLAGS   = --preset demo --batch-size 32 --lr 1e-3 --steps $(AR_STEPS) --ckpt-every 500 --log-every 100 \
              --sample-every 0 --num-workers 0 --resume --device $(DEVICE)
 
-$(DEMO_DATA)/data/synthetic.json:
+$(DEMO_DATA)/data/synthetic.json: | $(VENV)/.installed
 	$(PY) data.py synthetic $(DEMO_DATA)/data --num 1920 --size 32 --frames 5 --fps 4
-$(DEMO_DATA)/heldout/synthetic.json:
+$(DEMO_DATA)/heldout/synthetic.json: | $(VENV)/.installed
 	$(PY) data.py synthetic $(DEMO_DATA)/heldout --num 96 --seed 1 --size 32 --frames 5 --fps 4
 $(DEMO_WORK)/vae.pt: $(DEMO_DATA)/data/synthetic.json
 	$(PY) vae.py train-demo --data $(DEMO_DATA)/data $(DEMO_CLIP) --out $@ --device $(DEVICE)
