@@ -33,8 +33,10 @@ DEMO_WORK  = out/demo-train
 DEMO_CLIP  = --frames 5 --fps 4
 DEMO_VAE   = --vae demo --vae-ckpt $(DEMO_WORK)/vae.pt
 TOK_STEPS  = 14000
-AR_STEPS   = 1000
-AR_FLAGS   = --preset demo --batch-size 32 --lr 1e-3 --steps $(AR_STEPS) --ckpt-every 500 --log-every 100 \
+# The text model learns the caption's last words (the motion) later than the class model learns its classes.
+AR_STEPS_class = 1000
+AR_STEPS_text  = 3000
+AR_FLAGS   = --preset demo --batch-size 32 --lr 1e-3 --ckpt-every 500 --log-every 100 \
              --sample-every 0 --num-workers 0 --resume --device $(DEVICE)
 
 $(DEMO_DATA)/data/synthetic.json: | $(VENV)/.installed
@@ -53,7 +55,7 @@ $(DEMO_WORK)/tokens.done: $(DEMO_WORK)/tok.done
 	  --data $(DEMO_DATA)/data $(DEMO_CLIP) $(DEMO_VAE) --cache $(DEMO_WORK)/tokens --num-workers 0 --device $(DEVICE)
 	touch $@
 $(DEMO_WORK)/ar-%.done: $(DEMO_WORK)/tokens.done
-	$(PY) train_ar.py --cache $(DEMO_WORK)/tokens --cond $* --run-dir $(DEMO_WORK)/ar-$* $(AR_FLAGS)
+	$(PY) train_ar.py --cache $(DEMO_WORK)/tokens --cond $* --run-dir $(DEMO_WORK)/ar-$* --steps $(AR_STEPS_$*) $(AR_FLAGS)
 	touch $@
 
 demo-train: setup $(DEMO_DATA)/heldout/synthetic.json $(DEMO_WORK)/ar-class.done $(DEMO_WORK)/ar-text.done
