@@ -6,7 +6,8 @@ mismatched file always gets the same complete report: which keys are missing, wh
 unexpected, which have the wrong shape.
 
 - `torch_load`: pickled files, tensors only unless the caller trusts the file.
-- `check_state_dict`: the report.
+- `check_state_dict`: the report; `check_finite`: NaN or infinite weights are refused.
+- `build_checked`: a model built from a file's config only once its tensors are known to fit it.
 - `read_safetensors_header`, `load_safetensors`, `load_safetensors_metadata`: a dependency-free
   safetensors reader that validates the header (length, JSON, dtypes, offsets inside the file)
   before touching data. Reference: the safetensors format specification (huggingface/safetensors).
@@ -30,6 +31,10 @@ def torch_load(path, trusted=False):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError) as err:  # empty, truncated or not a torch file at all
+        reason = str(err).split(". ")[0] or "empty"
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({path.stat().st_size} bytes: {reason}); it is "
+                         "truncated or of another format") from None
     except pickle.UnpicklingError as err:
         if not trusted:
             raise ValueError(
@@ -46,7 +51,8 @@ def torch_load(path, trusted=False):
 
 
 def check_state_dict(model, state, source, fix):
-    """Raise a ValueError naming every missing, unexpected and mis-shaped key, then `fix`."""
+    """Raise a ValueError naming every missing, unexpected and mis-shaped key, then `fix`; or naming the
+    tensors that are not finite."""
     expected = model.state_dict()
     found = {
         "missing keys": [k for k in expected if k not in state],
@@ -59,6 +65,35 @@ def check_state_dict(model, state, source, fix):
     if problems:
         raise ValueError(f"{source} does not match the {type(model).__name__} it is loaded into: "
                          f"{'; '.join(problems)}. {fix}")
+    check_finite(state, source, "The run that wrote it diverged: use an earlier checkpoint of that run.")
+
+
+def build_checked(make, weights, source, fix):
+    """The model a file describes: `make()` builds it from the file's own config, `weights` are the
+    file's tensors. It is built first on the meta device, which allocates nothing, and compared with
+    the tensors, so that a config asking for more than the file holds (a 1 KB file can ask for
+    billions of parameters) is refused before any memory is spent; then built for real."""
+    try:
+        with torch.device("meta"):
+            shell = make()
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{source}: its config is not valid ({err}). {fix}") from None
+    check_state_dict(shell, weights, source, fix)
+    return make()
+
+
+def non_finite(state):
+    """Names of the floating-point tensors in a state dict that hold a NaN or an infinity."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def check_finite(state, source, fix):
+    """Raise a ValueError when weights are NaN or infinite: such a file came from a run that
+    diverged, and everything computed from it would be NaN too."""
+    bad = non_finite(state)
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights ({len(bad)} tensors: {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}). {fix}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,6 +137,8 @@ def read_safetensors_header(path) -> tuple[dict, dict, int]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: header is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: header JSON is nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object, found {type(header).__name__}")
     metadata = header.pop("__metadata__", {})

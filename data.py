@@ -351,6 +351,11 @@ class VideoFolder(torch.utils.data.Dataset):
                              f"{', '.join(EXTENSIONS)}, {len(self.skipped)} skipped ({first or 'none found'})")
         if self.skipped:
             log.warning("%s: %d usable videos, skipped %d (listed above)", self.root, len(self.files), len(self.skipped))
+        tiny = [f"{Path(p).name} ({m['width']}x{m['height']})" for p, m in zip(found, metas)
+                if isinstance(m, dict) and size and 0 < min(m["width"], m["height"]) * 4 < size]
+        if tiny:
+            log.warning("%s: %d videos are upscaled more than 4x to %d px, e.g. %s", self.root, len(tiny), size,
+                        ", ".join(tiny[:3]))
 
     def _unusable(self, meta: dict) -> str:
         w, h = meta["width"], meta["height"]

@@ -42,6 +42,7 @@ import torch
 from data import (COLORS, MOTIONS, SHAPES, SYNTHETIC_CLASSES, BadVideo, VideoFolder, from_uint8, probe, read_video,
                   render_scene, synthetic_data, synthetic_scene, to_uint8, write_png_grid)
 from decoder import TIME_SAMPLING, Decoder, token_budgets
+from trainer import lr_at, make_optimizer, optimizer_step, pick_device
 from vae import VAE_KINDS
 
 # Detector constants, set from measurements on data.make_synthetic videos (32 and 64 px, see `measure`).
@@ -452,7 +453,6 @@ def decoder_ceiling(cfg, steps: int, batch_size: int, lr: float, frames: int, fp
     cfg: a pixel-space TokenizerConfig (latent_channels 3; latent_size the frame side). Returns one dict per
     evaluation: step, seconds, flow loss at t = 1 with the codes and without, PSNR and adherence of the samples
     (every register kept, 25 Euler steps). `sheet` (a path with {step}) gets the first 6 samples over their clips."""
-    from trainer import lr_at, make_optimizer, optimizer_step
 
     def clips(count, data_seed):
         names = [SYNTHETIC_CLASSES[n % len(SYNTHETIC_CLASSES)] for n in range(count)]
@@ -592,11 +592,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def pick_device(args) -> torch.device:
-    """--device, or cuda when there is one, else cpu."""
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def run_adherence(args) -> dict:
     paths = sorted(args.dir.rglob("*.mp4"))
     wanted = {p: class_from_prompt(re.sub(r"^sample-\d+-", "", p.stem)) for p in paths}
@@ -636,7 +631,7 @@ def clips_for(args, tok, vae, root, device):
 
 
 def run_codes(args) -> dict:
-    device = pick_device(args)
+    device = pick_device(args.device)
     tok, vae, _, batches = load_tokenizer_and_clips(args, device)
     usage = codebook_usage(tok, vae, batches)
     print(f"{usage['clips']} clips, {usage['tokens']} tokens, codebook {tok.codebook_size}")
@@ -648,7 +643,7 @@ def run_codes(args) -> dict:
 
 
 def run_flow(args) -> dict:
-    device = pick_device(args)
+    device = pick_device(args.device)
     tok, vae, _, batches = load_tokenizer_and_clips(args, device)
     batches = list(batches)
     losses = token_reliance(tok, vae, batches, generator=torch.Generator(device).manual_seed(args.seed))
@@ -666,7 +661,7 @@ def run_flow(args) -> dict:
 
 
 def run_probe(args) -> dict:
-    device = pick_device(args)
+    device = pick_device(args.device)
     tok, vae, *train = load_tokenizer_and_clips(args, device)
     sets = []
     for folder, batches in (train, clips_for(args, tok, vae, args.heldout, device)):
@@ -687,7 +682,7 @@ def run_probe(args) -> dict:
 def run_recon(args) -> dict:
     from fvd import load_i3d
 
-    device = pick_device(args)
+    device = pick_device(args.device)
     i3d = load_i3d(args.i3d_ckpt).to(device) if args.i3d_ckpt is not None else None   # fail before decoding
     tok, vae, folder, batches = load_tokenizer_and_clips(args, device)
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -718,7 +713,7 @@ def run_ceiling(args) -> list[dict]:
                          f"{args.registers}, {args.frames}, {args.depth} and {args.size}")
     return decoder_ceiling(cfg, args.steps, args.batch_size, args.lr, args.frames, args.fps, eval_every=args.eval_every,
                            seed=args.seed, sheet=args.sheet, log=lambda line: print(line, flush=True),
-                           device=pick_device(args))
+                           device=pick_device(args.device))
 
 
 def run_gfvd(args) -> float:
@@ -727,7 +722,7 @@ def run_gfvd(args) -> float:
     if args.i3d_ckpt is None:
         raise ValueError("gfvd needs --i3d-ckpt: the Kinetics-400 I3D weights i3d_pretrained_400.pt "
                          "(the TF-Hub FVD network in the pytorch-i3d layout; see fvd.py)")
-    device = pick_device(args)
+    device = pick_device(args.device)
     value = gfvd(args.real, args.fake, load_i3d(args.i3d_ckpt).to(device), args.frames, args.fps, args.size,
                  args.num, args.batch_size)
     print(f"gFVD {value:.1f}")

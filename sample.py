@@ -51,11 +51,12 @@ import torch
 from tqdm import tqdm
 
 from ar import ARConfig, ARModel, from_sequence
-from checkpoint import torch_load
+from checkpoint import build_checked, torch_load
 from data import BadVideo, from_uint8, load_clip, probe, start_frames, to_uint8, write_png_grid, write_video
 from decoder import APG, token_budgets
-from eval import pick_device, psnr
+from eval import psnr
 from tokenizer import VideoFlexTok
+from trainer import at_least, check_args, pick_device, positive
 from vae import VAE_KINDS, load_vae
 
 DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"   # the bundled demo models (make demo-train)
@@ -99,7 +100,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", type=Path, default=Path("out/samples"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # --tokens-per-frame and --frames are checked against the models once they are loaded.
+    check_args(args, {"num_samples": (positive, ">= 1"), "fps": (positive, "> 0"), "size": (positive, ">= 1"),
+                      "steps": (positive, ">= 1"), "guidance": (at_least(0), ">= 0"), "cfg": (at_least(0), ">= 0"),
+                      "temperature": (positive, "> 0"), "top_k": (positive, ">= 1"),
+                      "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "seed": (at_least(0), ">= 0")}, "sample.py")
+    return args
 
 
 ################################################################################
@@ -189,11 +196,10 @@ def load_ar(path, device):
     state = torch_load(path)
     if not isinstance(state, dict) or not {"config", "model"} <= set(state):
         raise ValueError(f"{path} is not a train_ar.py checkpoint (it has no 'config' and 'model')")
-    try:
-        model = ARModel(ARConfig(**state["config"]))
-        model.load_state_dict(state.get("ema") or state["model"])
-    except (TypeError, RuntimeError) as err:
-        raise ValueError(f"{path}: weights do not fit its own config ({str(err).splitlines()[0]})") from err
+    weights = state.get("ema") or state["model"]
+    model = build_checked(lambda: ARModel(ARConfig(**state["config"])), weights, path,
+                          "Use a checkpoint written by train_ar.py.")
+    model.load_state_dict(weights)
     return model.to(device).eval(), state
 
 
@@ -448,7 +454,7 @@ def run(args):
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1; got {args.num_samples}")
     use_bundled(args)
-    device = pick_device(args)
+    device = pick_device(args.device)
     try:
         ar, state = load_ar(args.ar_ckpt, device) if args.ar_ckpt else (None, {})
         tok = VideoFlexTok.from_pretrained(tokenizer_path(args, state)).to(device)

@@ -19,6 +19,7 @@ Run `python tokenizer.py` for a one-minute demonstration on CPU: a tiny tokenize
 random clips, and reconstructions improve with the number of tokens.
 """
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import official
 from decoder import Decoder
 from encoder import Encoder
 from fsq import LEVELS
-from checkpoint import check_state_dict, torch_load
+from checkpoint import build_checked, check_state_dict, torch_load
 from transformer import Transformer
 
 
@@ -94,6 +95,9 @@ class TokenizerConfig:
     @classmethod
     def from_dict(cls, fields):
         """The inverse of dataclasses.asdict, as stored in checkpoints (JSON turns tuples into lists)."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"not a tokenizer config: unknown fields {', '.join(unknown[:4])} (an AR checkpoint?)")
         tuples = {k: tuple(fields[k]) for k in ("fsq_levels", "register_masks") if k in fields}
         return cls(**{**fields, **tuples})
 
@@ -147,8 +151,11 @@ class VideoFlexTok(nn.Module):
         state = torch_load(path)
         if not isinstance(state, dict) or not {"config", "model", "ema"} <= set(state):
             raise ValueError(f"{path} is not a train_tok.py checkpoint (it needs 'config', 'model' and 'ema')")
-        model = cls(TokenizerConfig.from_dict(state["config"]))
-        model.load_checkpoint_weights(state, path)
+        fix = "Use a checkpoint written by train_tok.py."
+        make = lambda: cls(TokenizerConfig.from_dict(state["config"]))  # noqa: E731
+        weights = state["ema"] or state["model"]
+        model = build_checked(make, weights, path, fix)
+        model.load_state_dict(weights)
         return model.eval().requires_grad_(False)
 
     def load_checkpoint_weights(self, state, source):
@@ -159,6 +166,8 @@ class VideoFlexTok(nn.Module):
         checkpoint without it into a model that has one (its head then starts afresh).
         """
         head = "decoder.repa_head."
+        if not isinstance(state, dict) or not {"model", "ema"} <= set(state):
+            raise ValueError(f"{source} is not a train_tok.py checkpoint (it needs 'model' and 'ema')")
         weights = state["ema"] or state["model"]
         ours = {k: v for k, v in self.state_dict().items() if k.startswith(head)}
         theirs = {k: v for k, v in weights.items() if k.startswith(head)}

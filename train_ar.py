@@ -35,10 +35,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ar import ARConfig, ARModel
-from data import VideoFolder, synthetic_data, to_uint8, write_video
+from data import BadVideo, VideoFolder, synthetic_data, to_uint8, write_video
 from tokenizer import VideoFlexTok
-from trainer import (Progress, RunLog, Shards, add_common_args, batches, build_shards, lr_at, make_ema,
-                     make_optimizer, mean_over_ranks, optimizer_step, resume, save_checkpoint,
+from trainer import (COMMON_RULES, NonFiniteGuard, Progress, RunLog, Shards, add_common_args, at_least, batches,
+                     build_shards, check_args, check_batch, in_range, lr_at, make_ema, make_optimizer,
+                     mean_over_ranks, optimizer_step, positive, prepare_run_dir, resume, save_checkpoint,
                      setup_distributed, training_state, update_ema, weight_checksum)
 from vae import load_vae
 
@@ -63,7 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=500)
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance for the periodic samples")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, COMMON_RULES | {"dropout": (in_range(0, 0.99), "in [0, 1)"),
+                                     "sample_every": (at_least(0), ">= 0"), "num_samples": (positive, ">= 1"),
+                                     "cfg_scale": (at_least(0), ">= 0")}, "train_ar.py")
+    return args
 
 
 ################################################################################
@@ -94,7 +99,7 @@ def tokenize(args, rank, world, device):
 
     # The cache belongs to one tokenizer: its weights' checksum and config are part of the settings.
     settings = {"tokenizer": {"config": dataclasses.asdict(tok.cfg), "checksum": weight_checksum(tok)},
-                "tok_ckpt": str(args.tok_ckpt), "data": str(Path(root).resolve()), "videos": len(videos),
+                "tok_ckpt": str(args.tok_ckpt.resolve()), "data": str(Path(root).resolve()), "videos": len(videos),
                 "frames": args.frames, "fps": args.fps, "size": size, "vae": args.vae,
                 "vae_ckpt": args.vae_ckpt and str(args.vae_ckpt), "vae_version": args.vae_version,
                 "t5": args.t5 and str(args.t5), "classes": videos.classes}
@@ -175,6 +180,7 @@ def train(args, rank, world, device):
         raise SystemExit(f"no token cache in {args.cache}: run train_ar.py --tokenize --tok-ckpt ... --cache {args.cache} first")
     meta = json.loads(meta_path.read_text())
     data = Shards(args.cache, meta["fields"])
+    check_batch(len(data), args.batch_size, world, "token sequences", "train_ar.py")
     cfg = build_config(args, meta, data)
 
     torch.manual_seed(args.seed * world + rank)
@@ -220,6 +226,7 @@ def train(args, rank, world, device):
     k = cfg.tokens_per_frame
 
     bar = tqdm(total=args.steps, initial=progress.step, disable=not master, dynamic_ncols=True)
+    guard = NonFiniteGuard(log=bar.write if master else lambda _: None)
     start, tokens_seen = time.time(), 0
     for batch in batches(data, progress, args.steps, args.batch_size, args.num_workers, args.seed, world, rank):
         item = dict(zip(fields, batch))
@@ -229,6 +236,7 @@ def train(args, rank, world, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
             loss = objective(ids, label, list(item["caption"]), t5, t5_mask)
         grad_norm = optimizer_step(opt, params, loss, schedule(progress.step), args.grad_clip)
+        guard(progress.step + 1, grad_norm, loss, schedule(progress.step))
         update_ema(ema, model, args.ema, progress.step)
         progress.step += 1
         step = progress.step
@@ -255,10 +263,15 @@ def train(args, rank, world, device):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
-    if args.tokenize:
-        tokenize(args, rank, world, device)
-    else:
-        train(args, rank, world, device)
+    if rank == 0 and not args.tokenize:
+        prepare_run_dir(args.run_dir, args.resume, args.overwrite)
+    try:
+        if args.tokenize:
+            tokenize(args, rank, world, device)
+        else:
+            train(args, rank, world, device)
+    except (ValueError, FileNotFoundError, BadVideo) as err:
+        raise SystemExit(f"train_ar.py: error: {err}") from None
     if world > 1:
         dist.destroy_process_group()
 

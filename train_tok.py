@@ -31,13 +31,14 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from checkpoint import torch_load
-from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
+from data import BadVideo, VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
 from decoder import TIME_SAMPLING, token_budgets
 from dino import load_dinov2, repa_targets
 from eval import psnr
 from tokenizer import TokenizerConfig, VideoFlexTok
-from trainer import (Progress, RunLog, add_common_args, barrier, batches, build_shards, compile_blocks, lr_at,
-                     make_ema, make_optimizer, mean_over_ranks, optimizer_step, resume, save_checkpoint,
+from trainer import (COMMON_RULES, NonFiniteGuard, Progress, RunLog, add_common_args, at_least, barrier, batches,
+                     build_shards, check_args, check_batch, compile_blocks, lr_at, make_ema, make_optimizer,
+                     mean_over_ranks, optimizer_step, positive, prepare_run_dir, resume, save_checkpoint,
                      setup_distributed, training_state, update_ema)
 from transformer import Block
 from vae import load_vae
@@ -57,7 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--val-clips", type=int, default=4)
     p.add_argument("--val-steps", type=int, default=25, help="Euler steps for validation decoding")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, COMMON_RULES | {"val_every": (positive, ">= 1"), "val_clips": (positive, ">= 1"),
+                                     "val_steps": (positive, ">= 1"), "repa_weight": (at_least(0), ">= 0")}, "train_tok.py")
+    if args.init is not None and args.stage != 2:
+        p.error("--init is for --stage 2 (decoder fine-tuning from a stage-1 checkpoint)")
+    return args
 
 
 ################################################################################
@@ -68,6 +74,8 @@ def build_config(args, dino, vae, init):
     latent frames of one clip (5 for 17 frames through VidTok) and longer videos go in chunks."""
     latent_frames = (args.frames - 1) // vae.temporal_factor + 1
     if init is not None:  # stage 2 keeps the stage-1 architecture
+        if not isinstance(init, dict) or not {"config", "model", "ema"} <= set(init):
+            raise ValueError(f"--init {args.init} is not a train_tok.py checkpoint (it needs 'config', 'model', 'ema')")
         cfg = TokenizerConfig.from_dict(init["config"])
         if cfg.max_frames != latent_frames:
             raise SystemExit(f"{args.init} was trained on {cfg.max_frames} latent frames; --frames {args.frames} "
@@ -165,8 +173,17 @@ def validate(model, vae, clips, cfg, args, step, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError, BadVideo) as err:
+        raise SystemExit(f"train_tok.py: error: {err}") from None
+
+
+def train(args):
     rank, world, device = setup_distributed(args.device)
     master = rank == 0
+    if master:
+        prepare_run_dir(args.run_dir, args.resume, args.overwrite)
     torch.manual_seed(args.seed * world + rank)  # different noise and dropout on every rank
     use_cuda = device.type == "cuda"
     compile_model = use_cuda if args.compile is None else args.compile
@@ -185,6 +202,7 @@ def main(argv=None):
     init = torch_load(args.init) if args.init is not None else None  # the stage-1 checkpoint
     cfg = build_config(args, dino, vae, init)
     train_set, val_set, size = build_data(args, cfg, vae, rank)
+    check_batch(len(train_set), args.batch_size, world, "training clips", "train_tok.py")
     if args.cache is not None:
         train_set = build_cache(args, train_set, val_set, size, vae, dino, cfg, rank, world, device)
 
@@ -212,6 +230,7 @@ def main(argv=None):
     schedule = lambda step: lr_at(step, args.lr, args.warmup, args.steps, args.min_lr_ratio)  # noqa: E731
 
     bar = tqdm(total=args.steps, initial=progress.step, disable=not master, dynamic_ncols=True)
+    guard = NonFiniteGuard(log=bar.write if master else lambda _: None)
     start, clips_seen = time.time(), 0
     for batch in batches(train_set, progress, args.steps, args.batch_size, args.num_workers, args.seed, world, rank):
         if args.cache is not None:
@@ -226,6 +245,7 @@ def main(argv=None):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
             losses = net(latents, repa_target=target, prefix=prefix)
         grad_norm = optimizer_step(opt, params, losses["loss"], schedule(progress.step), args.grad_clip)
+        guard(progress.step + 1, grad_norm, losses["loss"], schedule(progress.step))
         update_ema(ema, model, args.ema, progress.step)
         progress.step += 1
         step = progress.step

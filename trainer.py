@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from checkpoint import torch_load
+from checkpoint import check_finite, torch_load
 from transformer import allow_recompiles
 from vae import VAE_KINDS
 
@@ -45,14 +45,76 @@ def add_common_args(p, batch_size, batch_unit, ema):
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the last usable checkpoint in --run-dir")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a --run-dir that holds a run, deleting it")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
+def positive(v):
+    return v > 0
+
+
+def at_least(low):
+    return lambda v: v >= low
+
+
+def in_range(low, high):
+    return lambda v: low <= v <= high
+
+
+# (test, what it must be) for the flags of add_common_args; None values (defaults decided later) pass.
+COMMON_RULES = {
+    "frames": (positive, ">= 1"), "fps": (positive, "> 0"), "size": (at_least(8), ">= 8"),
+    "batch_size": (positive, ">= 1"), "steps": (positive, ">= 1"), "lr": (positive, "> 0"),
+    "warmup": (at_least(0), ">= 0"), "min_lr_ratio": (in_range(0, 1), "in [0, 1]"),
+    "weight_decay": (at_least(0), ">= 0"), "grad_clip": (positive, "> 0"),
+    "ema": (lambda v: 0 <= v < 1, "in [0, 1)"), "log_every": (positive, ">= 1"), "ckpt_every": (positive, ">= 1"),
+    "num_workers": (at_least(0), ">= 0"), "seed": (at_least(0), ">= 0"),
+}
+
+
+def check_args(args, rules, prog):
+    """The one check of a script's numeric flags, before any work or any file is written: every
+    flag in `rules` ({dest: (test, what it must be)}) that fails, and every NaN or infinite float,
+    is named in one message."""
+    bad = []
+    for name, (test, want) in rules.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if (isinstance(value, float) and not math.isfinite(value)) or not test(value):
+            bad.append(f"--{name.replace('_', '-')} must be {want}; got {value}")
+    if bad:
+        raise SystemExit(f"{prog}: error: " + "; ".join(bad))
+
+
+def check_batch(items, batch_size, world, what, prog):
+    """Every step needs batch_size items on every process; fewer would never make a batch."""
+    if items < batch_size * world:
+        raise SystemExit(f"{prog}: error: --batch-size {batch_size}{f' x {world} processes' if world > 1 else ''} "
+                         f"needs at least {batch_size * world} {what}; the data has {items}. Lower --batch-size "
+                         f"or add data")
+
+
+def pick_device(name=None):
+    """--device, or cuda when there is one, else cpu; a device this PyTorch cannot use is refused."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this PyTorch ({torch.__version__}) has no usable CUDA. Use --device cpu, "
+                         "or install a CUDA build (make setup TORCH=torch)")
+    return device
+
+
 def setup_distributed(device=None):
     """(rank, world size, device). Works under torchrun (NCCL on CUDA, gloo on CPU) and as plain python."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = pick_device(device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if "RANK" not in os.environ:
         return 0, 1, device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -138,24 +200,58 @@ def batches(dataset, progress, steps, batch_size, num_workers, seed, world, rank
     resumes after it.
     """
     while progress.step < steps:
+        empty = True
         for batch in epoch_loader(dataset, batch_size, num_workers, seed, world, rank, progress.epoch,
                                   progress.batch_in_epoch):
+            empty = False
             progress.batch_in_epoch += 1
             yield batch
             if progress.step >= steps:
                 return
+        if empty and progress.batch_in_epoch == 0:  # would loop forever (check_batch says why first)
+            raise SystemExit(f"{len(dataset)} items make no batch of {batch_size} on each of {world} processes")
         progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
 
 
 def optimizer_step(opt, params, loss, lr, grad_clip):
-    """Backward, clip, step at learning rate `lr`; returns the gradient norm before clipping."""
+    """Backward, clip, step at learning rate `lr`; returns the gradient norm before clipping.
+
+    A step whose gradient norm is not finite (a NaN or inf loss gives one) is not taken: the
+    weights and the optimizer state stay as they were. Under DDP every rank sees the same reduced
+    gradients, so all ranks skip together. The caller counts skips with a NonFiniteGuard."""
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
+    if torch.isfinite(grad_norm):
+        opt.step()
     return grad_norm
+
+
+class NonFiniteGuard:
+    """Counts the steps optimizer_step skipped for a non-finite loss or gradient. A few in a row
+    are tolerated (a rare bad batch, an fp16 overflow); `limit` in a row stop the run with a
+    message, before anything non-finite can reach a checkpoint."""
+
+    def __init__(self, limit=5, log=print):
+        self.limit, self.log = limit, log
+        self.in_a_row = self.skipped = 0
+
+    def __call__(self, step, grad_norm, loss, lr):
+        if torch.isfinite(grad_norm):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.skipped += 1
+        loss = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        self.log(f"warning: step {step}: loss {loss:.4g}, gradient norm {grad_norm.item():.4g}; step skipped "
+                 f"({self.in_a_row} in a row, {self.skipped} in all)")
+        if self.in_a_row >= self.limit:
+            raise SystemExit(f"training stopped at step {step}: {self.limit} steps in a row had a non-finite loss or "
+                             f"gradient (last loss {loss:.4g} at lr {lr:.3g}). The learning rate is likely too high "
+                             f"(lower --lr or --grad-clip, raise --warmup), or the data holds non-finite values. "
+                             f"The checkpoints written so far are finite: --resume continues from the last one.")
 
 
 def mean_over_ranks(values, world):
@@ -174,8 +270,10 @@ class RunLog:
         self.file = open(run_dir / "log.jsonl", "a") if master else None
 
     def write(self, record):
+        """Non-finite numbers become null: bare NaN is not JSON."""
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
 
     def close(self, model, step, world):
@@ -273,10 +371,37 @@ def build_shards(root, dataset, settings, encode, batch_size, num_workers, rank,
 # Checkpoints
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. A
+    write that fails (full disk, no permission) removes the temporary file and stops the run with
+    a message; the checkpoints written before are left as they were."""
+    path = Path(path)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"could not write {path} ({str(err).splitlines()[0]}): is the disk full, or the folder "
+                         f"not writable? The checkpoints written before it are intact") from None
+
+
+def prepare_run_dir(run_dir, resume, overwrite):
+    """Make `run_dir`, refusing to mix two runs: a fresh run (no --resume) in a folder that already
+    holds checkpoints stops unless --overwrite is given, which deletes that run's checkpoints, log
+    and config. Temporary files left by a run killed while writing are removed. Rank 0 only."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in run_dir.glob("*.tmp"):
+        print(f"removing {tmp}, left by a run stopped while writing it")
+        tmp.unlink()
+    old = sorted(run_dir.glob("ckpt-*.pt"))
+    if not old or resume:
+        return
+    if not overwrite:
+        raise SystemExit(f"{run_dir} already holds a run ({len(old)} checkpoints, newest {old[-1].name}). Pass "
+                         "--resume to continue it, --overwrite to replace it, or choose another --run-dir")
+    for path in old + [run_dir / "log.jsonl", run_dir / "config.json"]:
+        path.unlink(missing_ok=True)
+    print(f"--overwrite: deleted the previous run's {len(old)} checkpoints, log and config in {run_dir}")
 
 
 def last_checkpoint(run_dir):
@@ -294,21 +419,42 @@ def training_state(model, ema, opt, config, progress, world, device):
             "opt": opt.state_dict(), "config": config, "rng": gather(rng_state(device), world)} | asdict(progress)
 
 
+def load_resumable(run_dir, rank=0):
+    """(path, state) of the newest checkpoint in `run_dir` that loads and holds finite weights, or
+    (None, None). Newer ones that do not (truncated by a crash or a full disk, or written by a run
+    that diverged) are skipped, each with the reason."""
+    for path in sorted(run_dir.glob("ckpt-*.pt"), reverse=True):
+        try:
+            state = torch_load(path)
+            for part in ("model", "ema"):
+                if state.get(part) is not None:
+                    check_finite(state[part], f"{path} ({part})", "")
+            return path, state
+        except (ValueError, RuntimeError, EOFError, OSError, KeyError, AttributeError) as err:
+            if rank == 0:
+                print(f"--resume: skipping {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    return None, None
+
+
 def resume(run_dir, model, opt, ema, world, rank, device):
     """Continue from the last complete checkpoint in `run_dir`: model, optimizer, EMA, random state.
-    Returns its Progress (a fresh one when there is no checkpoint yet)."""
-    path = last_checkpoint(run_dir)
+    Returns its Progress (a fresh one when there is no usable checkpoint yet)."""
+    path, state = load_resumable(run_dir, rank)
     if path is None:
         if rank == 0:
-            print(f"--resume: no checkpoint in {run_dir}, starting from scratch")
+            print(f"--resume: no usable checkpoint in {run_dir}, starting from scratch")
         return Progress()
-    state = torch_load(path)
     if len(state["rng"]) != world:
         raise SystemExit(f"{path} was written by {len(state['rng'])} processes; resume with as many")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise SystemExit(f"{path} does not fit this run's model and settings ({str(err).splitlines()[0]}). "
+                         "Resume with the settings it was trained with (see config.json), or start a fresh "
+                         "run in another --run-dir") from None
     torch.set_rng_state(state["rng"][rank]["cpu"])
     if device.type == "cuda" and state["rng"][rank]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import check_state_dict, load_safetensors, read_safetensors_header, torch_load
+from checkpoint import build_checked, check_state_dict, load_safetensors, read_safetensors_header, torch_load
 
 VERSIONS = ("v1.0", "v1.1")
 VAE_KINDS = ("pixel", "demo", "vidtok")   # the --vae choices of every script
@@ -626,9 +626,8 @@ class DemoVAE(nn.Module):
         state = torch_load(path)
         if not isinstance(state, dict) or not {"config", "model"} <= set(state):
             raise ValueError(f"{path} is not a demo VAE checkpoint (python vae.py train-demo writes one)")
-        model = cls(**state["config"])
         weights = {k: v.float() for k, v in state["model"].items()}
-        check_state_dict(model, weights, str(path), "Train it again with python vae.py train-demo.")
+        model = build_checked(lambda: cls(**state["config"]), weights, path, "Train it again with python vae.py train-demo.")
         model.load_state_dict(weights)
         return model.eval().requires_grad_(False)
 
