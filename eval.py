@@ -42,7 +42,7 @@ import torch
 from data import (COLORS, MOTIONS, SHAPES, SYNTHETIC_CLASSES, BadVideo, VideoFolder, from_uint8, probe, read_video,
                   render_scene, synthetic_data, synthetic_scene, to_uint8, write_png_grid)
 from decoder import TIME_SAMPLING, Decoder, token_budgets
-from trainer import lr_at, make_optimizer, optimizer_step, pick_device
+from trainer import at_least, check_args, lr_at, make_optimizer, optimizer_step, pick_device, positive
 from vae import VAE_KINDS
 
 # Detector constants, set from measurements on data.make_synthetic videos (32 and 64 px, see `measure`).
@@ -589,7 +589,12 @@ def parse_args(argv=None):
         sub.add_argument("--fps", type=float, default=4.0)
         sub.add_argument("--batch-size", type=int, default=8)
         sub.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, {name: (positive, ">= 1") for name in ("num", "steps", "frames", "batch_size", "eval_every",
+                                                             "registers", "depth")}
+               | {"fps": (positive, "> 0"), "lr": (positive, "> 0"), "size": (at_least(8), ">= 8"),
+                  "seed": (at_least(0), ">= 0")}, f"{p.prog} {args.command}")
+    return args
 
 
 def run_adherence(args) -> dict:
@@ -707,10 +712,8 @@ def run_ceiling(args) -> list[dict]:
 
     cfg = TokenizerConfig.preset("tiny", dec_depth=args.depth, latent_size=args.size, registers=args.registers,
                                  max_frames=args.frames, repa_dim=0, time_sampling=args.time_sampling)
-    if min(args.steps, args.eval_every, args.registers, args.frames, args.depth) < 1 or args.size % cfg.patch_size:
-        raise ValueError(f"ceiling needs --steps, --eval-every, --registers, --frames and --depth >= 1 and a --size "
-                         f"divisible by the patch size {cfg.patch_size}; got {args.steps}, {args.eval_every}, "
-                         f"{args.registers}, {args.frames}, {args.depth} and {args.size}")
+    if args.size % cfg.patch_size:
+        raise ValueError(f"ceiling needs a --size divisible by the patch size {cfg.patch_size}; got {args.size}")
     return decoder_ceiling(cfg, args.steps, args.batch_size, args.lr, args.frames, args.fps, eval_every=args.eval_every,
                            seed=args.seed, sheet=args.sheet, log=lambda line: print(line, flush=True),
                            device=pick_device(args.device))

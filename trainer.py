@@ -80,7 +80,7 @@ def check_args(args, rules, prog):
     is named in one message."""
     bad = []
     for name, (test, want) in rules.items():
-        value = getattr(args, name)
+        value = getattr(args, name, None)   # a subcommand may lack some of the flags
         if value is None:
             continue
         if (isinstance(value, float) and not math.isfinite(value)) or not test(value):

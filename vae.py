@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import build_checked, check_state_dict, load_safetensors, read_safetensors_header, torch_load
+from checkpoint import build_checked, check_finite, check_state_dict, load_safetensors, read_safetensors_header, torch_load
 
 VERSIONS = ("v1.0", "v1.1")
 VAE_KINDS = ("pixel", "demo", "vidtok")   # the --vae choices of every script
@@ -669,12 +669,13 @@ def train_demo_vae(root, out, frames: int, fps: float, size: int, steps: int = 8
         mse = F.mse_loss(model.decode_frames(model.encode_frames(val)).clamp(-1, 1), val).item()
     report = {"val_psnr": 10 * torch.log10(torch.tensor(4 / mse)).item(), "steps": steps,
               "seconds": time.time() - start, "frames": len(train)}
+    weights = {k: v.half().cpu() for k, v in model.state_dict().items()}
+    check_finite(weights, f"the demo VAE after {steps} steps", "The run diverged: train again with a lower --lr.")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.save({"config": {"channels": model.latent_channels, "width": model.width},
-                "model": {k: v.half().cpu() for k, v in model.state_dict().items()},
-                "report": report}, tmp)
+                "model": weights, "report": report}, tmp)
     tmp.replace(out)
     return report
 
@@ -712,11 +713,15 @@ def main(argv=None) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    if min(args.frames, args.steps, args.batch_size) < 1 or not args.fps > 0 or not args.lr > 0 or args.size % 4 \
-            or args.size < 4:
-        p.error("--frames, --steps and --batch-size must be >= 1, --fps and --lr > 0, --size a positive multiple of 4")
-    report = train_demo_vae(args.data, args.out, args.frames, args.fps, args.size, args.steps, args.batch_size,
-                            args.lr, seed=args.seed, device=args.device)
+    from trainer import at_least, check_args, pick_device, positive
+    check_args(args, {"frames": (positive, ">= 1"), "fps": (positive, "> 0"), "steps": (positive, ">= 1"),
+                      "batch_size": (positive, ">= 1"), "lr": (positive, "> 0"), "seed": (at_least(0), ">= 0"),
+                      "size": (lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4")}, p.prog)
+    try:
+        report = train_demo_vae(args.data, args.out, args.frames, args.fps, args.size, args.steps, args.batch_size,
+                                args.lr, seed=args.seed, device=pick_device(args.device))
+    except (ValueError, FileNotFoundError) as err:   # an empty or missing folder, a device this build lacks
+        raise SystemExit(f"{p.prog}: error: {err}") from None
     print(f"wrote {args.out}: held-out PSNR {report['val_psnr']:.2f} dB after {args.steps} steps "
           f"({report['seconds']:.0f} s, {report['frames']} training frames)")
 

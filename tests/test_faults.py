@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import eval as eval_cli
 import sample
 import train_ar
 import train_tok
 import trainer
+import vae
 from checkpoint import read_safetensors_header, torch_load
 from data import make_synthetic
 from tokenizer import VideoFlexTok
@@ -166,6 +168,22 @@ def test_bad_sampling_arguments_are_refused_before_sampling(tmp_path, args, mess
     with pytest.raises(SystemExit, match=message):
         sample.main(["--prompt", "a red circle moving left", "--out", str(tmp_path / "out"), *args])
     assert not (tmp_path / "out").exists()
+
+
+BAD_OTHER_ARGS = [
+    (eval_cli.main, ["recon", "--tok-ckpt", "x.pt", "--steps", "0"], "--steps must be >= 1"),
+    (eval_cli.main, ["probe", "--tok-ckpt", "x.pt", "--heldout", "h", "--fps", "nan"], "--fps must be > 0; got nan"),
+    (eval_cli.main, ["ceiling", "--lr", "-1"], "--lr must be > 0"),
+    (eval_cli.main, ["gfvd", "--real", "a", "--fake", "b", "--num", "0"], "--num must be >= 1"),
+    (vae.main, ["train-demo", "--data", "d", "--out", "v.pt", "--lr", "inf"], "--lr must be > 0; got inf"),
+    (vae.main, ["train-demo", "--data", "d", "--out", "v.pt", "--size", "30"], "--size must be a positive multiple of 4"),
+]
+
+
+@pytest.mark.parametrize("cli,args,message", BAD_OTHER_ARGS, ids=[" ".join(a) for _, a, _ in BAD_OTHER_ARGS])
+def test_bad_evaluation_and_vae_arguments_are_refused(cli, args, message):
+    with pytest.raises(SystemExit, match=message):
+        cli(args)
 
 
 @pytest.mark.parametrize("folder", ["missing", "empty"])
