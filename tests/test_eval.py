@@ -266,5 +266,5 @@ def test_decoder_ceiling_trains_a_decoder_on_true_scenes_and_scores_its_samples(
 def test_ceiling_refuses_a_size_the_patches_do_not_tile():
     with pytest.raises(SystemExit, match="divisible by the patch size 4"):
         ev.main(["ceiling", "--size", "30", "--steps", "1"])
-    with pytest.raises(SystemExit, match="--steps, --eval-every"):
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
         ev.main(["ceiling", "--steps", "0"])
