@@ -37,6 +37,17 @@ def test_detector_recovers_the_class_of_real_synthetic_videos(synthetic):
     assert scores["shape"] >= 0.9 and scores["class"] >= 0.9
 
 
+def test_shape_boundaries_sit_midway_between_the_classes(synthetic):
+    """The calibration rule of CIRCLE_SQUARE and TRIANGLE_SKEW, on today's synthetic look."""
+    _, videos, names = synthetic
+    by_shape = {}
+    for video, name in zip(videos, names):
+        by_shape.setdefault(name.split("_")[1], []).append(ev.measure(video))
+    fill, skew = ({shape: np.mean([m[i] for m in ms]) for shape, ms in by_shape.items()} for i in (0, 1))
+    assert ev.CIRCLE_SQUARE == pytest.approx((fill["circle"] + fill["square"]) / 2, abs=0.015)
+    assert ev.TRIANGLE_SKEW == pytest.approx((skew["circle"] + skew["square"]) / 4 + skew["triangle"] / 2, abs=0.02)
+
+
 def test_detector_takes_uint8_frames_of_a_whole_file(synthetic):
     root, _, _ = synthetic
     path = sorted(root.rglob("*.mp4"))[7]
@@ -97,6 +108,9 @@ def test_psnr_by_budget_over_a_set():
     recon = vae.decode(tok.decode(ids[..., :2], steps=2, generator=torch.Generator().manual_seed(0)))
     one = ev.psnr_by_budget(tok, vae, videos, [2], steps=2, generator=torch.Generator().manual_seed(0))
     assert one[2] == pytest.approx(ev.psnr(recon, videos), abs=1e-4)
+    frames = ev.reconstruction_metrics(tok, vae, videos, [2], steps=2, generator=torch.Generator().manual_seed(0))
+    assert frames[2]["psnr_by_frame"] == pytest.approx([ev.psnr(recon[:, :, t], videos[:, :, t]) for t in range(9)],
+                                                       abs=1e-4)
     # batches of unequal size pool the squared error of every pixel
     split = ev.psnr_by_budget(tok, vae, [videos[:1], videos[1:]], [4], steps=2, generator=torch.Generator())
     assert math.isfinite(split[4])
