@@ -153,8 +153,9 @@ def decode_long(tok, vae, ids, chunks, **decode_kwargs):
     with flow_progress(tok, (1 + len(starts)) * decode_kwargs.get("steps", 25)):
         videos = [tok.detokenize(ids[:, :chunks.latents], vae, **decode_kwargs)]
         for start in tqdm(starts, desc="decoding chunks", leave=False):
-            # Decoded values may stray slightly outside [-1, 1], which the VAE refuses.
-            prefix = vae.encode(videos[-1][:, :, -1:].clamp(-1, 1))
+            # The overlap frame is re-encoded as decoded, unclamped (as the official chunk wrapper does; a
+            # clamp changes the condition wherever the decoder overshoots [-1, 1]).
+            prefix = vae.encode(videos[-1][:, :, -1:], check_range=False)
             chunk = torch.cat([tok.encode(prefix)[..., :k], ids[:, start:start + n]], 1)
             videos.append(tok.detokenize(chunk, vae, prefix_latents=prefix, **decode_kwargs)[:, :, 1:])
     return torch.cat(videos, 2)

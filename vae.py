@@ -349,7 +349,7 @@ class _Decoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check_video(video: torch.Tensor, temporal_factor: int, spatial_factor: int) -> None:
+def _check_video(video: torch.Tensor, temporal_factor: int, spatial_factor: int, check_range: bool = True) -> None:
     if not isinstance(video, torch.Tensor) or video.dim() != 5:
         got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
         raise ValueError(f"video must be a (B, 3, T, H, W) tensor, got {got}")
@@ -369,7 +369,7 @@ def _check_video(video: torch.Tensor, temporal_factor: int, spatial_factor: int)
         raise ValueError(
             f"video height and width must be positive multiples of {spatial_factor}, got {h}x{w}: resize or crop"
         )
-    if video.numel():
+    if check_range and video.numel():
         lo, hi = video.aminmax()
         if not (-1 - _RANGE_SLACK <= lo.item() and hi.item() <= 1 + _RANGE_SLACK):
             raise ValueError(
@@ -499,10 +499,12 @@ class VidTokVAE(nn.Module):
 
     @torch.no_grad()
     def encode(
-        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
+        check_range: bool = True,
     ) -> torch.Tensor:
-        """(B, 3, 4k+1, H, W) in [-1, 1] -> (B, 16, k+1, H/8, W/8): the posterior mean, or a sample if `sample`."""
-        _check_video(video, self.temporal_factor, self.spatial_factor)
+        """(B, 3, 4k+1, H, W) in [-1, 1] -> (B, 16, k+1, H/8, W/8): the posterior mean, or a sample if `sample`.
+        check_range=False takes values outside [-1, 1]: a decoded frame re-encoded as it is (sample.decode_long)."""
+        _check_video(video, self.temporal_factor, self.spatial_factor, check_range)
         x = video.permute(0, 2, 3, 4, 1)
         step = None if self.chunk_latents is None else self.temporal_factor * self.chunk_latents
         stream = _Stream(self.version)
@@ -550,9 +552,10 @@ class PixelVAE(nn.Module):
     spatial_factor = 1
 
     def encode(
-        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
+        check_range: bool = True,
     ) -> torch.Tensor:
-        _check_video(video, self.temporal_factor, self.spatial_factor)
+        _check_video(video, self.temporal_factor, self.spatial_factor, check_range)
         return video.clone()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -606,10 +609,10 @@ class DemoVAE(nn.Module):
         return self.dec(latents / self.scale)
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
-               ) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
+               check_range: bool = True) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/4, W/4); `sample` changes nothing (no posterior)."""
-        _check_video(video, self.temporal_factor, self.spatial_factor)
+        _check_video(video, self.temporal_factor, self.spatial_factor, check_range)
         frames, T = self._frames(video)
         return self._video(self.encode_frames(frames), T).contiguous()
 

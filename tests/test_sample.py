@@ -144,10 +144,11 @@ def test_chunked_decoding_is_conditioned_on_the_last_decoded_frame(monkeypatch):
     assert video.shape == (2, 3, 9, 16, 16) and len(calls) == 2
     (first, kw1), (second, kw2) = calls
     assert torch.equal(first, ids[:, :5]) and kw1.get("prefix_latents") is None
-    # Chunk 2: the re-encoded overlap frame (video frame 4, the last of chunk 1, clamped to the VAE's
-    # range) is its clean prefix and its tokens come first, then the new latent frames 5..8.
+    # Chunk 2: the re-encoded overlap frame (video frame 4, the last of chunk 1, unclamped as the official
+    # wrapper has it) is its clean prefix and its tokens come first, then the new latent frames 5..8.
     prefix = kw2["prefix_latents"]
-    assert torch.equal(prefix, video[:, :, 4:5].clamp(-1, 1))
+    assert video[:, :, 4].abs().max() > 1   # random weights overshoot, so a clamp would show
+    assert torch.equal(prefix, video[:, :, 4:5])
     assert torch.equal(second[:, :1], tok.encode(prefix)[..., :3]) and torch.equal(second[:, 1:], ids[:, 5:])
 
 

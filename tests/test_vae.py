@@ -254,6 +254,15 @@ def test_bad_video_is_named(x, message):
         tiny_vae("v1.0").encode(x)
 
 
+def test_decoded_frames_outside_the_range_are_taken_when_asked():
+    """sample.decode_long re-encodes the decoder's overshooting overlap frame as it is (check_range=False)."""
+    x = torch.full((1, 3, 5, 16, 16), 2.37)
+    with pytest.raises(ValueError, match="\\[-1, 1\\]"):
+        tiny_vae("v1.0").encode(x)
+    assert torch.isfinite(tiny_vae("v1.0").encode(x, check_range=False)).all()
+    assert torch.equal(PixelVAE().encode(x, check_range=False), x)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="version must be one of"):
         VidTokVAE("v2")
