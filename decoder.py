@@ -239,28 +239,66 @@ class Decoder(nn.Module):
         Without APG, decoded frame t depends only on the tokens of frames <= t under the
         time-causal mask. APG's norms span all frames, so it trades that exactness for quality.
         """
-        B, T = codes.shape[:2]
-        C = self.cfg.latent_channels
-        device = codes.device
-        x = torch.randn((B, C, T, *size), generator=generator, device=device)
-        n = 0 if prefix_latents is None else prefix_latents.shape[2]
-        prefix = torch.full((B,), n, device=device) if n else None
-        registers = self.embed_registers(codes, keep_k, prefix)
-        guided = guidance != 1.0
-        if guided:
-            null = self.embed_registers(codes, keep_k, prefix, null=torch.ones(B, dtype=torch.bool, device=device))
-            registers = torch.cat([registers, null])
+        x, registers, n = self._start(codes, keep_k, size, guidance, prefix_latents, generator)
         running = None
         for i in range(steps, 0, -1):
             if n:
                 x[:, :, :n] = prefix_latents
-            t = torch.full((B,), i / steps, device=device)
-            if guided:
-                v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), registers).chunk(2)
-                v, running = guide(v_cond, v_uncond, guidance, apg, running)
-            else:
-                v = self(x, t, registers)
+            v, running = self._velocity(x, i / steps, registers, guidance, apg, running)
             x = x - v.to(x.dtype) / steps
         if n:
             x[:, :, :n] = prefix_latents
         return x
+
+    @torch.no_grad()
+    def sample_frames(self, codes, keep_k, size, steps=25, guidance=1.0, prefix_latents=None, generator=None):
+        """`sample`, one latent frame at a time: yields (B, C, 1, H, W) for frames 0, 1, ..., T - 1, each as
+        soon as its flow steps are done, equal to what `sample` returns for that frame (no APG).
+
+        Under the time-causal mask the velocity of frame j at a step reads only frames <= j at that step.
+        So frame j runs its steps alone, beside the states frames < j had at the same steps, kept from
+        their own runs: the first frame is ready after about 1/T of the joint time. Frames < j are
+        recomputed at every step (no key/value cache), so the whole clip costs about (T + 1) / 2 times
+        the joint sampling. Not with APG (its norms span all frames) nor with a full-attention decoder,
+        where a frame depends on later ones.
+        """
+        if self.cfg.dec_mask != "time_causal":
+            raise ValueError(f"frame-by-frame decoding needs the time-causal decoder; this one has dec_mask="
+                             f"{self.cfg.dec_mask!r} (a frame depends on later frames): decode the clip jointly")
+        x, registers, n = self._start(codes, keep_k, size, guidance, prefix_latents, generator)
+        past = [x[:, :, :0]] * steps   # per step, the states of the frames done so far at that step
+        for j in range(x.shape[2]):
+            if j < n:   # a clean prefix frame is held fixed at every step
+                frame = prefix_latents[:, :, j:j + 1]
+                past = [torch.cat([p, frame], 2) for p in past]
+                yield frame
+                continue
+            frame = x[:, :, j:j + 1]
+            for s, i in enumerate(range(steps, 0, -1)):
+                states = torch.cat([past[s], frame], 2)
+                past[s] = states
+                v, _ = self._velocity(states, i / steps, registers[:, :j + 1], guidance, None, None)
+                frame = frame - v[:, :, -1:].to(frame.dtype) / steps
+            yield frame
+
+    def _start(self, codes, keep_k, size, guidance, prefix_latents, generator):
+        """The starting noise (B, C, T, H, W), the register tokens (doubled with the null condition when
+        guided) and the number of clean prefix frames, shared by `sample` and `sample_frames`."""
+        B, T = codes.shape[:2]
+        device = codes.device
+        x = torch.randn((B, self.cfg.latent_channels, T, *size), generator=generator, device=device)
+        n = 0 if prefix_latents is None else prefix_latents.shape[2]
+        prefix = torch.full((B,), n, device=device) if n else None
+        registers = self.embed_registers(codes, keep_k, prefix)
+        if guidance != 1.0:
+            null = self.embed_registers(codes, keep_k, prefix, null=torch.ones(B, dtype=torch.bool, device=device))
+            registers = torch.cat([registers, null])
+        return x, registers, n
+
+    def _velocity(self, x, t, registers, guidance, apg, running):
+        """The (guided) velocity at noise level t for every frame of x, and the APG momentum state."""
+        t = torch.full((x.shape[0],), t, device=x.device)
+        if guidance == 1.0:
+            return self(x, t, registers), running
+        v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), registers).chunk(2)
+        return guide(v_cond, v_uncond, guidance, apg, running)

@@ -206,6 +206,18 @@ class VideoFlexTok(nn.Module):
         guidance (the official video setting is guidance 25 with APG); prefix_latents: clean
         leading latent frames to condition on; size: latent (h, w), default the trained size.
         """
+        codes, keep_k, size = self._decoder_inputs(ids, prefix_latents, size)
+        return self.decoder.sample(codes, keep_k, size, steps, guidance, apg, prefix_latents, generator)
+
+    def decode_frames(self, ids, steps=25, guidance=1.0, prefix_latents=None, generator=None, size=None):
+        """`decode`, one latent frame at a time (progressive decoding, `Decoder.sample_frames`): an iterator of
+        latents (B, C, 1, h, w), frame 0 first, each equal to that frame of `decode` with the same generator.
+        Needs the time-causal decoder; no APG."""
+        codes, keep_k, size = self._decoder_inputs(ids, prefix_latents, size)
+        return self.decoder.sample_frames(codes, keep_k, size, steps, guidance, prefix_latents, generator)
+
+    def _decoder_inputs(self, ids, prefix_latents, size):
+        """Checked ids -> the decoder's (codes (B, T, K, 6), keep_k (B,), latent size (h, w))."""
         K = self.cfg.registers
         self._check_ids(ids)
         B, T, k = ids.shape
@@ -220,8 +232,7 @@ class VideoFlexTok(nn.Module):
         padded = torch.zeros(B, T, K, dtype=torch.long, device=ids.device)
         padded[..., :k] = ids
         codes = self.encoder.fsq.ids_to_codes(padded).to(self.decoder.from_codes.weight.dtype)
-        keep_k = torch.full((B,), k, device=ids.device)
-        return self.decoder.sample(codes, keep_k, size, steps, guidance, apg, prefix_latents, generator)
+        return codes, torch.full((B,), k, device=ids.device), size
 
     def tokenize(self, video, vae):
         """Video (B, 3, T, H, W) in [-1, 1] -> ids, through a frozen VAE (`vae.VidTokVAE`, `vae.PixelVAE`,
