@@ -257,9 +257,9 @@ class Decoder(nn.Module):
 
         Under the time-causal mask the velocity of frame j at a step reads only frames <= j at that step.
         So frame j runs its steps alone, beside the states frames < j had at the same steps, kept from
-        their own runs: the first frame is ready after about 1/T of the joint time. Frames < j are
-        recomputed at every step (no key/value cache), so the whole clip costs about (T + 1) / 2 times
-        the joint sampling. Not with APG (its norms span all frames) nor with a full-attention decoder,
+        their own runs: the first frame's forward passes hold one frame instead of T. Frames < j are
+        recomputed at every step (no key/value cache), so in all the passes hold (T + 1) / 2 times the
+        frames of joint sampling. Not with APG (its norms span all frames) nor with a full-attention decoder,
         where a frame depends on later ones.
         """
         if self.cfg.dec_mask != "time_causal":

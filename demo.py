@@ -12,6 +12,7 @@ moving left"); `export` then writes them to assets/demo (fp16) with demo.json, t
 
     python demo.py                      # make demo: samples, reconstructions and figures -> out/demo
     python demo.py export --work out/demo-train          # make demo-train's last step -> assets/demo
+    python demo.py measure                               # the bundled models' figures again -> demo.json
 
 The figures, each at every budget k = 1, 2, 4, ..., K tokens per frame: adherence (eval.detect) of 32 samples
 for 4 prompts and 4 classes that together cover every colour, shape and motion; PSNR and adherence of held-out
