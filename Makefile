@@ -32,7 +32,7 @@ DEMO_DATA  = out/demo-data
 DEMO_WORK  = out/demo-train
 DEMO_CLIP  = --frames 5 --fps 4
 DEMO_VAE   = --vae demo --vae-ckpt $(DEMO_WORK)/vae.pt
-TOK_STEPS  = 14000
+TOK_STEPS  = 20000
 # The text model learns the caption's last words (the motion) later than the class model learns its classes.
 AR_STEPS_class = 1000
 AR_STEPS_text  = 3000
@@ -47,7 +47,7 @@ $(DEMO_WORK)/vae.pt: $(DEMO_DATA)/data/synthetic.json
 	$(PY) vae.py train-demo --data $(DEMO_DATA)/data $(DEMO_CLIP) --out $@ --device $(DEVICE)
 $(DEMO_WORK)/tok.done: $(DEMO_WORK)/vae.pt
 	$(PY) train_tok.py --preset demo --data $(DEMO_DATA)/data $(DEMO_CLIP) $(DEMO_VAE) --cache $(DEMO_WORK)/latents \
-	  --run-dir $(DEMO_WORK)/tok --batch-size 32 --lr 2e-3 --steps $(TOK_STEPS) --val-every 7000 --ckpt-every 1000 \
+	  --run-dir $(DEMO_WORK)/tok --batch-size 32 --lr 2e-3 --steps $(TOK_STEPS) --val-every 10000 --ckpt-every 1000 \
 	  --log-every 100 --num-workers 0 --resume --device $(DEVICE)
 	touch $@
 $(DEMO_WORK)/tokens.done: $(DEMO_WORK)/tok.done
