@@ -388,6 +388,23 @@ def _check_latents(latents: torch.Tensor, channels: int) -> None:
         raise ValueError(f"latents must have at least one frame and pixel, got shape {tuple(latents.shape)}")
 
 
+def _pieces(latents, total: int, channels: int):
+    """The pieces (B, C, n, h, w) of a latent stream, checked, each with whether it is the last: they must add up
+    to `total` latent frames, neither more nor fewer."""
+    if total < 1:
+        raise ValueError(f"a latent stream needs total >= 1 latent frames; got {total}")
+    seen = 0
+    for z in latents:
+        _check_latents(z, channels)
+        seen += z.shape[2]
+        if seen > total:
+            raise ValueError(f"the latent stream holds more than the {total} latent frames it announced")
+        yield z, seen == total
+    if seen < total:
+        raise ValueError(f"the latent stream ended after {seen} of the {total} latent frames it announced; the "
+                         "frames decoded so far were yielded")
+
+
 def _spans(total: int, first: int, step: int | None) -> list[tuple[int, int]]:
     """Chunk boundaries along time: [0, first), then spans of `step` (the last may be shorter); None = one span."""
     if step is None:
@@ -525,24 +542,46 @@ class VidTokVAE(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 16, k+1, h, w) -> (B, 3, 4k+1, 8h, 8w), not clamped (values may stray slightly outside [-1, 1])."""
         _check_latents(latents, self.latent_channels)
-        z = latents.permute(0, 2, 3, 4, 1)
-        b, n, h, w, _ = z.shape
-        drop = self.temporal_factor - 1  # the decoder's first 3 frames stand for the encoder's front padding
-        sf = self.spatial_factor
-        video = torch.empty(b, 3, self.temporal_factor * n - drop, sf * h, sf * w, dtype=z.dtype, device=z.device)
-        stream = _Stream(self.version)
-        done = 0  # decoded frames so far, counting the dropped ones
-        for start, end in _spans(n, 1, self.chunk_latents):
-            stream.last = end == n
-            frames = self.decoder(z[:, start:end], stream)
-            keep = frames[:, max(drop - done, 0) :]
-            at = max(done - drop, 0)
-            video[:, :, at : at + keep.shape[1]] = keep.permute(0, 4, 1, 2, 3)
-            done += frames.shape[1]
+        n = latents.shape[2]
+        video, at = None, 0
+        for frames in self.decode_stream((latents[:, :, a:b] for a, b in _spans(n, 1, self.chunk_latents)), n):
+            if video is None:   # filled in place: peak memory is the video and one chunk, not two videos
+                B, _, _, H, W = frames.shape
+                video = frames.new_empty(B, 3, self.temporal_factor * (n - 1) + 1, H, W)
+            video[:, :, at:at + frames.shape[2]] = frames
+            at += frames.shape[2]
         return video
 
+    @torch.no_grad()
+    def decode_stream(self, latents, total: int):
+        """`decode` as the latents arrive: an iterable of pieces (B, 16, n, h, w) that add up to `total` latent
+        frames -> video frames (B, 3, f, 8h, 8w) as soon as they are decoded: with v1.0, latent 0 gives frame 0
+        and every later latent 4 frames; v1.1's linear upsampling looks one frame ahead, so some of a piece's
+        frames come with the next one (`total` tells it where the stream ends). The causal temporal layers
+        carry their state from piece to piece, so the frames equal `decode` of the whole up to float rounding."""
+        drop = self.temporal_factor - 1  # the decoder's first 3 frames stand for the encoder's front padding
+        stream = _Stream(self.version)
+        done = 0  # decoded frames so far, counting the dropped ones
+        for z, last in _pieces(latents, total, self.latent_channels):
+            stream.last = last
+            frames = self.decoder(z.permute(0, 2, 3, 4, 1), stream)
+            keep = frames[:, max(drop - done, 0):]
+            done += frames.shape[1]
+            yield keep.permute(0, 4, 1, 2, 3)
 
-class PixelVAE(nn.Module):
+
+class _FramewiseStream:
+    """decode_stream for a VAE that decodes every latent frame on its own (temporal factor 1)."""
+
+    @torch.no_grad()
+    def decode_stream(self, latents, total: int):
+        """An iterable of latent pieces (B, C, n, h, w) adding up to `total` frames -> their frames, one piece
+        at a time (see VidTokVAE.decode_stream)."""
+        for z, _ in _pieces(latents, total, self.latent_channels):
+            yield self.decode(z)
+
+
+class PixelVAE(_FramewiseStream, nn.Module):
     """Identity latent space: the latents are the pixels, so the tokenizer works on pixels. For tiny CPU runs and
     tests that need no weights; same API as `VidTokVAE` (any T, H, W; the posterior is a point, so `sample` changes
     nothing)."""
@@ -563,7 +602,7 @@ class PixelVAE(nn.Module):
         return latents.clone()
 
 
-class DemoVAE(nn.Module):
+class DemoVAE(_FramewiseStream, nn.Module):
     """A small convolutional autoencoder for the built-in synthetic data: each frame (3, H, W) <-> (4, H/4, W/4).
 
     The paper's tokenizer works in the smooth latent space of a VAE, where a latent pixel stands for a patch of

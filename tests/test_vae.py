@@ -164,6 +164,28 @@ def test_chunked_equals_unchunked(version):
         assert (chunked.decode(z) - y).abs().max() < 5e-5
 
 
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_streamed_decoding_equals_decoding_the_whole(version):
+    vae = tiny_vae(version, chunk_latents=None)
+    z = vae.encode(video(21))                                   # 6 latent frames
+    pieces = [z[:, :, :1], z[:, :, 1:3], z[:, :, 3:4], z[:, :, 4:]]
+    out = list(vae.decode_stream(iter(pieces), total=6))
+    # v1.0: frame 0, then 4 frames per latent; v1.1 looks ahead, so some frames come one piece later.
+    assert [f.shape[2] for f in out] == ([1, 8, 4, 8] if version == "v1.0" else [1, 5, 4, 11])
+    assert (torch.cat(out, 2) - vae.decode(z)).abs().max() < 5e-5
+
+
+def test_a_latent_stream_that_does_not_match_its_total_is_named():
+    vae, z = tiny_vae("v1.0"), torch.randn(1, 16, 3, 2, 2)
+    stream = vae.decode_stream([z[:, :, :1], z[:, :, 1:2]], total=3)
+    assert next(stream).shape[2] == 1 and next(stream).shape[2] == 4   # what came is decoded and kept
+    with pytest.raises(ValueError, match="ended after 2 of the 3"):
+        next(stream)
+    with pytest.raises(ValueError, match="more than the 2 latent frames"):
+        list(vae.decode_stream([z], total=2))
+    assert torch.equal(torch.cat(list(PixelVAE().decode_stream([z[:, :3, :1], z[:, :3, 1:]], 3)), 2), z[:, :3])
+
+
 def test_sampling_draws_around_the_mean():
     vae = tiny_vae("v1.0")
     x = video(5)
