@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,9 @@ def parse_args(argv=None):
                       help="guidance scale (1 = off); default 25, the official video setting (1 with the bundled demo models)")
     flow.add_argument("--apg", action=argparse.BooleanOptionalAction, default=True,
                       help="adaptive projected guidance (official: on); --no-apg gives plain CFG")
+    flow.add_argument("--progressive", action="store_true",
+                      help="text/class sampling: decode frame by frame and write each frame as a PNG to --out/frames/ "
+                           "as soon as it is decoded (the same videos; time-causal decoder, no APG)")
     gen = p.add_argument_group("AR sampling")
     gen.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance on the logits (1 = off)")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -148,17 +152,36 @@ def tokenize_long(tok, vae, video, chunks):
 
 def decode_long(tok, vae, ids, chunks, **decode_kwargs):
     """Ids (B, L, k) -> video (B, 3, frames, H, W), each chunk conditioned on the last decoded frame."""
+    return torch.cat(list(decode_pieces(tok, vae, ids, chunks, **decode_kwargs)), 2)
+
+
+def decode_pieces(tok, vae, ids, chunks, progressive=False, **decode_kwargs):
+    """decode_long's video, in pieces (B, 3, f, H, W) in frame order: a chunk at a time, or with `progressive`
+    the frames of each latent frame as soon as the decoder and the VAE have them (tok.decode_frames, then
+    vae.decode_stream; needs the time-causal decoder and no APG)."""
     k, n = ids.shape[2], chunks.latents - 1
     starts = list(range(chunks.latents, ids.shape[1], n))
+    prefix = None
     with flow_progress(tok, (1 + len(starts)) * decode_kwargs.get("steps", 25)):
-        videos = [tok.detokenize(ids[:, :chunks.latents], vae, **decode_kwargs)]
-        for start in tqdm(starts, desc="decoding chunks", leave=False):
+        for start in tqdm([0, *starts], desc="decoding chunks", leave=False, disable=not starts):
+            if prefix is None:
+                chunk = ids[:, :chunks.latents]
+            else:
+                chunk = torch.cat([tok.encode(prefix)[..., :k], ids[:, start:start + n]], 1)
+            if progressive:
+                kwargs = {key: value for key, value in decode_kwargs.items() if key != "apg"}
+                pieces = vae.decode_stream(tok.decode_frames(chunk, prefix_latents=prefix, **kwargs), chunk.shape[1])
+            else:
+                pieces = [tok.detokenize(chunk, vae, prefix_latents=prefix, **decode_kwargs)]
+            skip = 0 if prefix is None else 1   # a later chunk's first frame re-decodes the overlap frame
+            for piece in pieces:
+                last = piece[:, :, -1:]
+                piece, skip = piece[:, :, skip:], max(skip - piece.shape[2], 0)
+                if piece.shape[2]:
+                    yield piece
             # The overlap frame is re-encoded as decoded, unclamped (as the official chunk wrapper does; a
             # clamp changes the condition wherever the decoder overshoots [-1, 1]).
-            prefix = vae.encode(videos[-1][:, :, -1:], check_range=False)
-            chunk = torch.cat([tok.encode(prefix)[..., :k], ids[:, start:start + n]], 1)
-            videos.append(tok.detokenize(chunk, vae, prefix_latents=prefix, **decode_kwargs)[:, :, 1:])
-    return torch.cat(videos, 2)
+            prefix = vae.encode(last, check_range=False)
 
 
 @contextmanager
@@ -322,6 +345,21 @@ def write_videos(output, videos, names, fps):
         write_video(output.path(f"{name}.mp4"), to_uint8(video), fps=fps)
 
 
+def write_frames_as_decoded(pieces, folder, names):
+    """--progressive: every frame of the video pieces (decode_pieces) as folder/<name>/frame-NNNN.png the moment it
+    is decoded. These files bypass the temporary output folder on purpose, so that a viewer can watch them arrive
+    and an interruption keeps them. Returns the whole videos (B, 3, T, H, W)."""
+    start, done, t = time.time(), [], 0
+    for piece in pieces:
+        for video, name in zip(piece, names):
+            for j in range(video.shape[1]):
+                write_png_grid(folder / name / f"frame-{t + j:04d}.png", to_uint8(video[:, j:j + 1])[None])
+        t += piece.shape[2]
+        done.append(piece)
+        print(f"frames {t - piece.shape[2]}-{t - 1} decoded and written after {time.time() - start:.1f} s", flush=True)
+    return torch.cat(done, 2)
+
+
 def write_sheet(output, name, videos):
     """One row per video, SHEET_COLUMNS evenly spaced frames per row."""
     T = videos[0].shape[1]
@@ -347,8 +385,12 @@ def sample(args, ar, tok, vae, device, output, k, chunks, n_chunks, condition, l
     cfg = args.cfg if args.cfg != 1 and "batch" not in condition else None
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=cfg, generator=gen)
     ids = generate_ids(ar, condition, n_chunks, min(chunks.latents, chunks.latent_frames(args.frames)), k, sampling)
-    videos = decode_long(tok, vae, ids, chunks, **decode_settings(args, vae, gen))
     names = [f"sample-{i:02d}-{slug(label)}" for i, label in enumerate(labels)]
+    if args.progressive:
+        pieces = decode_pieces(tok, vae, ids, chunks, progressive=True, **decode_settings(args, vae, gen))
+        videos = write_frames_as_decoded(pieces, args.out / "frames", names)
+    else:
+        videos = decode_long(tok, vae, ids, chunks, **decode_settings(args, vae, gen))
     write_videos(output, videos, names, args.fps)
     write_sheet(output, "samples.png", videos)
     torch.save(ids.cpu(), output.path("tokens.pt"))
@@ -402,6 +444,18 @@ def image_size(args, tok, vae):
     if size % (f * p) or not 0 < size // f <= most:
         raise ValueError(f"--size must be a multiple of {f * p} (VAE factor {f} x patch {p}) and at most {most * f}; got {size}")
     return size
+
+
+def check_progressive(args, tok):
+    """Frame-by-frame decoding gives the joint result only where frame t depends on frames <= t alone."""
+    if args.reconstruct:
+        raise ValueError("--progressive is for --prompt / --class sampling; --reconstruct decodes every budget jointly")
+    if tok.cfg.dec_mask != "time_causal":
+        raise ValueError(f"--progressive needs the time-causal decoder; this tokenizer's has dec_mask="
+                         f"{tok.cfg.dec_mask!r} (stage 2: a frame depends on later frames): drop --progressive")
+    if args.apg and args.guidance != 1:
+        raise ValueError("--progressive cannot use APG (its norms span all frames, so a frame would depend on later "
+                         "ones): add --no-apg for plain guidance, or drop --progressive")
 
 
 def decode_settings(args, vae, gen):
@@ -469,6 +523,8 @@ def run(args):
         args.frames = Chunks(ar.cfg.max_frames if ar else tok.cfg.max_frames, vae.temporal_factor).frames
     size = image_size(args, tok, vae)
     decode_settings(args, vae, None)  # checks --steps before anything runs
+    if args.progressive:
+        check_progressive(args, tok)
     if ar is not None:
         plan = prepare_sampling(args, ar, state, tok, vae, device)
     else:

@@ -152,6 +152,34 @@ def test_chunked_decoding_is_conditioned_on_the_last_decoded_frame(monkeypatch):
     assert torch.equal(second[:, :1], tok.encode(prefix)[..., :3]) and torch.equal(second[:, 1:], ids[:, 5:])
 
 
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_progressive_chunked_decoding_gives_the_same_video_frame_by_frame(guidance):
+    cfg = TokenizerConfig.preset("tiny", latent_size=16, max_frames=5, registers=8, repa_dim=0, fsq_levels=LEVELS)
+    tok, vae = VideoFlexTok(cfg).eval(), PixelVAE()
+    ids, chunks = torch.randint(0, 1000, (2, 9, 3)), sample.Chunks(5, 1)
+    kw = dict(steps=2, guidance=guidance)
+    joint = sample.decode_long(tok, vae, ids, chunks, generator=torch.Generator().manual_seed(0), **kw)
+    pieces = list(sample.decode_pieces(tok, vae, ids, chunks, progressive=True,
+                                       generator=torch.Generator().manual_seed(0), **kw))
+    assert [p.shape[2] for p in pieces] == [1] * 9                 # one frame at a time, over both chunks
+    assert (torch.cat(pieces, 2) - joint).abs().max() <= 1e-5 * joint.abs().max().clamp_min(1)
+
+
+@pytest.mark.skipif(not (sample.DEMO_ASSETS / "tok.pt").is_file(), reason="no bundled demo models")
+def test_progressive_sampling_writes_every_frame_as_it_is_decoded(tmp_path, capsys):
+    out = tmp_path / "s"
+    sample.main(["--class", "red_circle_left", "--tokens-per-frame", "2", "--steps", "3", "--progressive",
+                 "--out", str(out)])
+    frames = sorted((out / "frames" / "sample-00-red_circle_left").glob("frame-*.png"))
+    assert [f.name for f in frames] == [f"frame-{t:04d}.png" for t in range(5)]
+    assert (out / "sample-00-red_circle_left.mp4").is_file()
+    assert capsys.readouterr().out.count("decoded and written after") == 5
+    with pytest.raises(SystemExit, match="--progressive is for --prompt / --class"):
+        sample.main(["--reconstruct", "x.mp4", "--progressive", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="cannot use APG.*--no-apg"):
+        sample.main(["--class", "red_circle_left", "--guidance", "3", "--progressive", "--out", str(tmp_path / "g")])
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--class", "bird"], r"unknown class 'bird'.*0: cat, 1: dog, 2: fish"),
     (["--prompt", "a cat"], "class-conditional"),
