@@ -377,8 +377,9 @@ def _attention_options(parser: argparse.ArgumentParser) -> None:
                         help=f"default: tok-step's, {GPU_BATCH} on CUDA, 2 reduced")
 
 
-def _decode_job(args: argparse.Namespace, k: int):
-    """Build a tokenizer and the ids of one batch; return the call that decodes their first k tokens per frame."""
+def _decode_job(args: argparse.Namespace, k: int, part: str = "joint"):
+    """Build a tokenizer and the ids of one batch; return the call that decodes their first k tokens per frame:
+    jointly (`decode`), or frame by frame (`decode_frames`) up to the first frame or to the last."""
     from tokenizer import VideoFlexTok
 
     device, dtype, reduced = setup(args)
@@ -389,8 +390,13 @@ def _decode_job(args: argparse.Namespace, k: int):
     ids = torch.randint(model.codebook_size, (args.batch_size, cfg.max_frames, k), device=device)
 
     def decode():
+        gen = torch.Generator(device).manual_seed(0)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            model.decode(ids, steps=args.steps, generator=torch.Generator(device).manual_seed(0))
+            if part == "joint":
+                model.decode(ids, steps=args.steps, generator=gen)
+            else:
+                frames = model.decode_frames(ids, steps=args.steps, generator=gen)
+                next(frames) if part == "first frame" else list(frames)
     return decode
 
 
@@ -407,6 +413,15 @@ def bench_decode(args: argparse.Namespace) -> None:
         row(f"decode {k} tokens/frame, {args.steps} Euler steps", tok_describe(args.preset, cfg, reduced,
             args.batch_size), device_name(device), dtype, times,
             f"{statistics.median(times) / args.batch_size:.3f} s/clip, {mib(peak)}")
+    # Progressive decoding (decode_frames) at the largest budget: when the first frame is ready, and the whole
+    # clip, against the joint decoding.
+    k = min(max(args.budgets), cfg.registers)
+    joint = statistics.median(measure_job(_decode_job, args, k)[0])
+    for part in ("first frame", "all frames"):
+        times, peak = measure_job(_decode_job, args, k, part)
+        row(f"progressive decode {k} tokens/frame, {args.steps} Euler steps: {part}", tok_describe(
+            args.preset, cfg, reduced, args.batch_size), device_name(device), dtype, times,
+            f"{statistics.median(times) / joint:.2f}x the joint decoding, {mib(peak)}")
 
 
 def _decode_options(parser: argparse.ArgumentParser) -> None:
@@ -651,7 +666,8 @@ BENCHMARKS = {
     "compile": (bench_compile, _compile_options, "tokenizer training step, torch.compile (blocks) vs eager"),
     "attention": (bench_attention, _attention_options,
                   "attention fwd and fwd+bwd: FlexAttention block masks vs SDPA dense mask vs SDPA no mask"),
-    "decode": (bench_decode, _decode_options, "decoding: seconds per clip and peak memory by tokens per frame"),
+    "decode": (bench_decode, _decode_options, "decoding: seconds per clip and peak memory by tokens per frame; "
+                                              "progressive decoding's first frame and whole clip"),
     "vae": (bench_vae, _vae_options, "VidTok encode+decode speed, vae.py vs diffusers"),
     "vae-memory": (bench_vae_memory, _vae_memory_options,
                    "VidTok encode and decode: clips/s and peak memory, 17 vs 81 frames"),

@@ -51,7 +51,9 @@ def test_benchmark_prints_well_formed_rows(name, capsys):
             assert float(seconds) > 0 and int(n) == 1
     if name == "decode":  # budgets above the reduced config's K are clipped to it
         K = bench.tok_config("d18-d18", reduced=True).registers
-        assert [r[0] for r in table] == [f"decode {k} tokens/frame, 2 Euler steps" for k in (1, K)]
+        assert [r[0] for r in table] == [f"decode {k} tokens/frame, 2 Euler steps" for k in (1, K)] + [
+            f"progressive decode {K} tokens/frame, 2 Euler steps: {part}" for part in ("first frame", "all frames")]
+        assert all("x the joint decoding" in r[5] for r in table[2:])
 
 
 def test_all_runs_every_benchmark_with_its_defaults_on_one_device(monkeypatch, capsys):
