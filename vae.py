@@ -405,6 +405,61 @@ def _pieces(latents, total: int, channels: int):
                          "frames decoded so far were yielded")
 
 
+def _frame_groups(frames):
+    """The groups (B, 3, n, H, W) of a frame stream, each the same batch and frame size as the first; an empty
+    stream is refused once it ends."""
+    first = None
+    for group in frames:
+        if not isinstance(group, torch.Tensor) or group.dim() != 5:
+            raise ValueError(f"a frame stream yields (B, 3, n, H, W) tensors; got "
+                             f"{tuple(group.shape) if isinstance(group, torch.Tensor) else type(group).__name__}")
+        shape = (group.shape[0], *group.shape[3:])
+        if first is None:
+            first = shape
+        elif shape != first:
+            raise ValueError(f"the frame stream changed from batch x height x width {first} to {shape}: every group "
+                             "must have the batch and frame size of the first; the frames before were encoded")
+        yield group
+    if first is None:
+        raise ValueError("the frame stream held no frames")
+
+
+class _EncodeStream:
+    """VidTokVAE's causal encoder fed as frames arrive: latent 0 from frame 0 alone (behind three copies of it),
+    then one latent per `temporal_factor` frames, `per_call` latents per encoder call (None: all that are there)."""
+
+    def __init__(self, vae, per_call: int | None, check_range: bool):
+        self.vae, self.per_call, self.check_range = vae, per_call, check_range
+        self.stream = _Stream(vae.version)
+        self.pending = None   # frames received and not yet encoded, channels-last (B, n, H, W, 3)
+
+    def push(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, n, H, W) more frames -> the moments (B, m, h, w, 32) of the latents they complete, per call."""
+        _check_video(frames, 1, self.vae.spatial_factor, self.check_range)
+        x = frames.permute(0, 2, 3, 4, 1)
+        f, out = self.vae.temporal_factor, []
+        if self.pending is None:   # the stream's first frame
+            out.append(self.vae.encoder(torch.cat([x[:, :1].expand(-1, f - 1, -1, -1, -1), x[:, :1]], 1), self.stream))
+            x = x[:, 1:]
+        else:
+            x = torch.cat([self.pending, x], 1)
+        step = f * self.per_call if self.per_call else x.shape[1] // f * f
+        while step and x.shape[1] >= step:
+            out.append(self.vae.encoder(x[:, :step], self.stream))
+            x = x[:, step:]
+        self.pending = x
+        return out
+
+    def close(self) -> list[torch.Tensor]:
+        """The moments of the frames still pending (fewer than per_call latents); refuses a partial latent."""
+        left = 0 if self.pending is None else self.pending.shape[1]
+        f = self.vae.temporal_factor
+        if left % f:
+            raise ValueError(f"the stream ended {left % f} frames into a latent frame, which needs {f}: those frames "
+                             f"were not encoded (a video has {f}k+1 frames); every complete latent frame was yielded")
+        return [self.vae.encoder(self.pending, self.stream)] if left else []
+
+
 def _spans(total: int, first: int, step: int | None) -> list[tuple[int, int]]:
     """Chunk boundaries along time: [0, first), then spans of `step` (the last may be shorter); None = one span."""
     if step is None:
@@ -522,21 +577,26 @@ class VidTokVAE(nn.Module):
         """(B, 3, 4k+1, H, W) in [-1, 1] -> (B, 16, k+1, H/8, W/8): the posterior mean, or a sample if `sample`.
         check_range=False takes values outside [-1, 1]: a decoded frame re-encoded as it is (sample.decode_long)."""
         _check_video(video, self.temporal_factor, self.spatial_factor, check_range)
-        x = video.permute(0, 2, 3, 4, 1)
-        step = None if self.chunk_latents is None else self.temporal_factor * self.chunk_latents
-        stream = _Stream(self.version)
-        moments = []
-        for start, end in _spans(x.shape[1], 1, step):
-            chunk = x[:, start:end]
-            if start == 0:
-                # Three copies of frame 0 in front: latent 0 then covers frame 0 alone, latent j frames 4j-3 .. 4j.
-                chunk = torch.cat([x[:, :1].expand(-1, self.temporal_factor - 1, -1, -1, -1), chunk], dim=1)
-            moments.append(self.encoder(chunk, stream))
+        stream = _EncodeStream(self, self.chunk_latents, check_range)
+        moments = stream.push(video) + stream.close()
         mean, logvar = torch.cat(moments, dim=1).chunk(2, dim=-1)
         if sample:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean.permute(0, 4, 1, 2, 3).contiguous()
+
+    @torch.no_grad()
+    def encode_stream(self, frames, *, check_range: bool = True):
+        """`encode` as the frames arrive: an iterable of groups (B, 3, n, H, W), any n >= 1 -> every latent frame
+        (B, 16, 1, H/8, W/8), the posterior mean, as soon as the causal encoder has its frames (latent 0 after
+        frame 0, latent j after frame 4j). The temporal layers carry their state from call to call, so the latents
+        equal `encode` of the whole up to float rounding. A stream that ends inside a latent's 4 frames is refused
+        at the end, after every complete latent was yielded."""
+        stream = _EncodeStream(self, 1, check_range)
+        for group in _frame_groups(frames):
+            for moments in stream.push(group):
+                yield moments.chunk(2, dim=-1)[0].permute(0, 4, 1, 2, 3).contiguous()
+        stream.close()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -571,7 +631,15 @@ class VidTokVAE(nn.Module):
 
 
 class _FramewiseStream:
-    """decode_stream for a VAE that decodes every latent frame on its own (temporal factor 1)."""
+    """encode_stream and decode_stream for a VAE that takes every frame on its own (temporal factor 1)."""
+
+    @torch.no_grad()
+    def encode_stream(self, frames, *, check_range: bool = True):
+        """An iterable of frame groups (B, 3, n, H, W) -> every latent frame (B, C, 1, h, w) as its frame arrives
+        (see VidTokVAE.encode_stream)."""
+        for group in _frame_groups(frames):
+            latents = self.encode(group, check_range=check_range)
+            yield from latents.split(1, dim=2)
 
     @torch.no_grad()
     def decode_stream(self, latents, total: int):

@@ -175,6 +175,29 @@ def test_streamed_decoding_equals_decoding_the_whole(version):
     assert (torch.cat(out, 2) - vae.decode(z)).abs().max() < 5e-5
 
 
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_streamed_encoding_equals_encoding_the_whole(version):
+    vae, x = tiny_vae(version), video(21)
+    for cuts in ([1] * 21, [3, 1, 7, 10], [21]):               # frames one at a time, uneven groups, all at once
+        edges = [0, *torch.tensor(cuts).cumsum(0).tolist()]
+        latents = list(vae.encode_stream(x[:, :, a:b] for a, b in zip(edges[:-1], edges[1:])))
+        assert len(latents) == 6 and all(z.shape[2] == 1 for z in latents)
+        assert (torch.cat(latents, 2) - vae.encode(x)).abs().max() < 5e-5
+
+
+def test_bad_frame_streams_are_named():
+    vae, x = tiny_vae("v1.0"), video(9)
+    stream = vae.encode_stream([x[:, :, :5], x[:, :, 5:7]])
+    assert len([next(stream), next(stream)]) == 2               # frames 0 and 1-4: two latents, kept
+    with pytest.raises(ValueError, match="ended 2 frames into a latent frame"):
+        next(stream)
+    with pytest.raises(ValueError, match="held no frames"):
+        list(vae.encode_stream([]))
+    with pytest.raises(ValueError, match="changed from batch x height x width"):
+        list(vae.encode_stream([x[:, :, :1], x[:, :, 1:5, :8, :8]]))
+    assert torch.equal(torch.cat(list(PixelVAE().encode_stream([x[:, :, :2], x[:, :, 2:]])), 2), x)
+
+
 def test_a_latent_stream_that_does_not_match_its_total_is_named():
     vae, z = tiny_vae("v1.0"), torch.randn(1, 16, 3, 2, 2)
     stream = vae.decode_stream([z[:, :, :1], z[:, :, 1:2]], total=3)
