@@ -431,6 +431,50 @@ def _decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
 
 
+def _stream_job(args: argparse.Namespace, latent_frames: int):
+    """A tokenizer, VidTok and a stream of 1 + 4 (latent_frames - 1) random frames made one at a time (so that the
+    input is not held); return the call that tokenizes the stream (sample.tokenize_stream)."""
+    from sample import Chunks, tokenize_stream
+    from tokenizer import VideoFlexTok
+    from vae import VidTokVAE
+
+    device, dtype, reduced = setup(args)
+    torch.manual_seed(0)
+    cfg = tok_config(args.preset, reduced)
+    with device:
+        tok = VideoFlexTok(cfg).eval()
+    vae = VidTokVAE("v1.0", ch=vae_size(reduced)[0]).to(device, dtype).eval()
+    side = cfg.latent_size * vae.spatial_factor
+    chunks = Chunks(cfg.max_frames, vae.temporal_factor)
+
+    def run():
+        gen = torch.Generator(device).manual_seed(0)
+        frames = (torch.rand(1, 3, 1, side, side, generator=gen, device=device, dtype=dtype) * 2 - 1
+                  for _ in range(1 + 4 * (latent_frames - 1)))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            for _ in tokenize_stream(tok, vae, frames, chunks):
+                pass
+    return run
+
+
+def bench_stream(args: argparse.Namespace) -> None:
+    """Streaming tokenization (`sample.tokenize_stream`): frames fed one at a time through VidTok and the encoder's
+    frame cache, in 17-frame chunks. Seconds per latent frame and peak memory for streams of several lengths:
+    both should stay flat, since every chunk starts a fresh VAE stream and cache."""
+    device, dtype, reduced = setup(args)
+    cfg = tok_config(args.preset, reduced)
+    for n in args.latent_frames:
+        times, peak = measure_job(_stream_job, args, n)
+        row(f"streaming tokenization, {n} latent frames ({1 + 4 * (n - 1)} frames, one at a time)",
+            tok_describe(args.preset, cfg, reduced, 1) + f", VidTok ch={vae_size(reduced)[0]}", device_name(device),
+            dtype, times, f"{statistics.median(times) / n:.4f} s per latent frame, {mib(peak)}")
+
+
+def _stream_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="d18-d18")
+    parser.add_argument("--latent-frames", type=int, nargs="+", default=[5, 21, 81])
+
+
 ################################################################################
 # VAE
 
@@ -668,6 +712,8 @@ BENCHMARKS = {
                   "attention fwd and fwd+bwd: FlexAttention block masks vs SDPA dense mask vs SDPA no mask"),
     "decode": (bench_decode, _decode_options, "decoding: seconds per clip and peak memory by tokens per frame; "
                                               "progressive decoding's first frame and whole clip"),
+    "stream": (bench_stream, _stream_options, "streaming tokenization: seconds and peak memory per latent frame, "
+                                              "5, 21 and 81 latent frames"),
     "vae": (bench_vae, _vae_options, "VidTok encode+decode speed, vae.py vs diffusers"),
     "vae-memory": (bench_vae_memory, _vae_memory_options,
                    "VidTok encode and decode: clips/s and peak memory, 17 vs 81 frames"),

@@ -37,6 +37,7 @@ Outputs go to a hidden temporary folder inside --out and are moved into place on
 them are written, so a failure leaves nothing half-written behind.
 """
 import argparse
+import itertools
 import json
 import os
 import re
@@ -58,7 +59,7 @@ from decoder import APG, token_budgets
 from eval import psnr
 from tokenizer import VideoFlexTok
 from trainer import at_least, check_args, pick_device, positive
-from vae import VAE_KINDS, load_vae
+from vae import VAE_KINDS, checked_frame_stream, load_vae
 
 DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"   # the bundled demo models (make demo-train)
 SHEET_COLUMNS = 9  # frames shown per row of the contact sheet, evenly spaced, first and last included
@@ -148,6 +149,41 @@ def tokenize_long(tok, vae, video, chunks):
         # A later chunk's first latent encodes the overlap frame alone; the previous chunk covered it.
         parts.append(ids if i == 0 else ids[:, 1:])
     return torch.cat(parts, 1)
+
+
+@torch.no_grad()
+def tokenize_stream(tok, vae, frames, chunks):
+    """tokenize_long as the video arrives: frames, an iterable of groups (B, 3, n, H, W) of any sizes -> the ids
+    (B, 1, K) of each latent frame tokenize_long would give, as soon as the VAE has produced that latent frame
+    (vae.encode_stream, then the encoder one frame at a time against its cache, Encoder.encode_frame).
+
+    The chunks are tokenize_long's: a new one starts at the last frame of the previous one, with a fresh VAE
+    stream and encoder cache, so a latent frame costs the same however long the stream is; its first latent
+    frame, the overlap frame alone, is encoded (the next frames attend to it) but not yielded. The stream may end
+    anywhere after a complete latent frame (it need not fill its last chunk); ending inside one is refused once
+    everything complete was yielded."""
+    tok.check_vae(vae)
+    frames = (group[:, :, j:j + 1] for group in checked_frame_stream(frames) for j in range(group.shape[2]))
+    head, chunk = next(frames, None), 0   # head: the first frame of the next chunk
+    while head is not None:
+        last = [head]
+
+        def chunk_frames(head=head):
+            yield head
+            for frame in itertools.islice(frames, chunks.frames - 1):
+                last[0] = frame
+                yield frame
+
+        cache = tok.encoder.frame_cache()
+        for t, latent in enumerate(vae.encode_stream(chunk_frames())):
+            ids = tok.encoder.encode_frame(latent, cache)[1]
+            if chunk == 0 or t > 0:
+                yield ids
+        # The chunk's last frame is the next chunk's first, if the stream goes on.
+        following = next(frames, None)
+        head = None if following is None else last[0]
+        frames = frames if following is None else itertools.chain([following], frames)
+        chunk += 1
 
 
 def decode_long(tok, vae, ids, chunks, **decode_kwargs):

@@ -117,6 +117,16 @@ def attention_mask(kind, layout, device, backend):
     return block_mask(kind, layout, device)
 
 
+@functools.lru_cache(maxsize=64)
+def last_block_mask(kind, layout, device):
+    """The rows of the last frame block of `layout` in its dense mask, (L, S): what that frame's tokens may see when
+    the frames before it are cached keys and values (FrameCache). None for "full", which a cache cannot serve."""
+    if kind == "full":
+        raise ValueError("a full-attention transformer cannot run frame by frame: every frame sees the later ones")
+    idx = torch.arange(layout.length, device=torch.device(device))
+    return mask_mod_for(kind, layout)(None, None, idx[-layout.block:, None], idx[None, :])
+
+
 def block_mask(kind, layout, device):
     """A mask kind as a FlexAttention BlockMask (compiled construction on CUDA: eager builds the dense mask)."""
     S = layout.length
@@ -158,7 +168,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, past=None):
+        """x (B, S, D). `past`: a dict holding the keys and values of earlier tokens (FrameCache), which the
+        queries also attend to; this call's keys and values are appended to it."""
         B, S, D = x.shape
         # One GEMM three times as wide runs closer to the GPU's peak than three; q, k and v stay separate
         # parameters so that checkpoints keep the official names.
@@ -166,6 +178,10 @@ class Attention(nn.Module):
         q, k, v = qkv.view(B, S, 3, self.heads, HEAD_DIM).permute(2, 0, 3, 1, 4)
         # QK-norm keeps attention logits bounded, which is what makes large-lr training stable.
         q, k = layer_norm(q), layer_norm(k)
+        if past is not None:
+            if "k" in past:
+                k, v = torch.cat([past["k"], k], 2), torch.cat([past["v"], v], 2)
+            past["k"], past["v"] = k, v
         if isinstance(mask, BlockMask):
             # Inside a compiled block, Dynamo turns flex_attention into its fused kernel itself; called eagerly,
             # it needs its own compiled wrapper on CUDA. Eager flex (forward only) is for the CPU parity tests.
@@ -213,16 +229,16 @@ class Block(nn.Module):
         # Zero init: every block starts as the identity, the "zero" of adaLN-zero (DiT).
         self.adaLN = zero_linear(cond_dim, groups * 6 * dim) if cond_dim is not None else None
 
-    def forward(self, x, mask, layout, cond=None):
+    def forward(self, x, mask, layout, cond=None, past=None):
         if self.adaLN is None:
-            x = x + self.attn(layer_norm(x), mask)
+            x = x + self.attn(layer_norm(x), mask, past)
             return x + self.mlp(layer_norm(x))
         B, S, D = x.shape
         frames = lambda y: y.view(B, layout.frames, layout.block, D)  # noqa: E731
         mod = group_modulation(self.adaLN(F.silu(cond)), layout, self.groups)
         gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_mlp = mod.chunk(6, dim=-1)
         h = modulate(frames(layer_norm(x)), shift_msa, scale_msa).view(B, S, D)
-        x = x + (gate_msa * frames(self.attn(h, mask))).view(B, S, D)
+        x = x + (gate_msa * frames(self.attn(h, mask, past))).view(B, S, D)
         h = modulate(frames(layer_norm(x)), shift_mlp, scale_mlp).view(B, S, D)
         return x + (gate_mlp * frames(self.mlp(h))).view(B, S, D)
 
@@ -248,16 +264,41 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, cond_dim, groups) for _ in range(depth))
         self.backend = None  # None: pick by device (see default_backend); or "flex" / "sdpa"
 
-    def forward(self, x, layout, cond=None, capture=None):
-        """x: (B, S, D). Returns the output, and also the output of block `capture` if given."""
-        backend = self.backend or default_backend(x.device)
-        mask = attention_mask(self.mask_kind, layout, str(x.device), backend)
+    def forward(self, x, layout, cond=None, capture=None, cache=None):
+        """x: (B, S, D). Returns the output, and also the output of block `capture` if given.
+
+        With a FrameCache, x holds only the last frame block of `layout` and the earlier ones are the cache's
+        keys and values (SDPA with that block's rows of the mask, on every device); the cache takes this
+        block's keys and values."""
+        if cache is not None:
+            mask = last_block_mask(self.mask_kind, layout, str(x.device))
+            layout = Layout(1, layout.patches, layout.registers)   # what x holds, for the blocks' modulation
+        else:
+            mask = attention_mask(self.mask_kind, layout, str(x.device), self.backend or default_backend(x.device))
         captured = None
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, layout, cond)
+            x = block(x, mask, layout, cond, None if cache is None else cache.layers[i])
             if i == capture:
                 captured = x
+        if cache is not None:
+            cache.frames += 1
         return (x, captured) if capture is not None else x
+
+
+class FrameCache:
+    """The keys and values of the frame blocks a Transformer has run so far, one dict per block: with a
+    time-causal mask a new frame block attends only to them and to itself, so running the frames one at a time
+    gives what the whole sequence gives (streaming tokenization). Its memory grows with the frames it holds;
+    `clear` starts again (a new chunk)."""
+
+    def __init__(self, depth):
+        self.layers = [{} for _ in range(depth)]
+        self.frames = 0
+
+    def clear(self):
+        for layer in self.layers:
+            layer.clear()
+        self.frames = 0
 
 
 class TimestepEmbedder(nn.Module):

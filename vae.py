@@ -405,7 +405,7 @@ def _pieces(latents, total: int, channels: int):
                          "frames decoded so far were yielded")
 
 
-def _frame_groups(frames):
+def checked_frame_stream(frames):
     """The groups (B, 3, n, H, W) of a frame stream, each the same batch and frame size as the first; an empty
     stream is refused once it ends."""
     first = None
@@ -593,7 +593,7 @@ class VidTokVAE(nn.Module):
         equal `encode` of the whole up to float rounding. A stream that ends inside a latent's 4 frames is refused
         at the end, after every complete latent was yielded."""
         stream = _EncodeStream(self, 1, check_range)
-        for group in _frame_groups(frames):
+        for group in checked_frame_stream(frames):
             for moments in stream.push(group):
                 yield moments.chunk(2, dim=-1)[0].permute(0, 4, 1, 2, 3).contiguous()
         stream.close()
@@ -637,7 +637,7 @@ class _FramewiseStream:
     def encode_stream(self, frames, *, check_range: bool = True):
         """An iterable of frame groups (B, 3, n, H, W) -> every latent frame (B, C, 1, h, w) as its frame arrives
         (see VidTokVAE.encode_stream)."""
-        for group in _frame_groups(frames):
+        for group in checked_frame_stream(frames):
             latents = self.encode(group, check_range=check_range)
             yield from latents.split(1, dim=2)
 

@@ -17,6 +17,7 @@ TINY = {
     "compile": ["--backend", "eager", "--batch-size", "1"],
     "attention": ["--presets", "d18-d18", "--batch-size", "1"],
     "decode": ["--budgets", "1", "256", "--steps", "2"],
+    "stream": ["--latent-frames", "2"],
     "vae": ["--frames", "5"],
     "vae-memory": ["--frames", "5"],
     "ar": ["--batch-sizes", "2", "--lengths", "5", "330"],

@@ -133,6 +133,47 @@ def test_tokenize_long_drops_each_later_chunks_overlap_latent():
     assert torch.equal(ids[:, 5:], tok.tokenize(video[:, :, 16:], vae)[:, 1:])
 
 
+def uneven(frames, sizes=(3, 1, 7, 10, 2)):
+    """Group sizes that add up to `frames`, cycling through `sizes`."""
+    out = []
+    while sum(out) < frames:
+        out.append(min(sizes[len(out) % len(sizes)], frames - sum(out)))
+    return out
+
+
+@pytest.mark.parametrize("frames", [17, 81])
+@pytest.mark.parametrize("kind", ["vidtok", "pixel"])
+def test_streaming_tokenization_gives_the_ids_of_batch_tokenization(kind, frames):
+    if kind == "vidtok":
+        tok, vae, size = vidtok_tokenizer(), tiny_vidtok(), 32
+    else:   # 5-frame chunks on pixels: 17 and 81 frames are 4 and 20 chunks
+        cfg = TokenizerConfig.preset("tiny", latent_size=8, max_frames=5, registers=8, repa_dim=0, fsq_levels=LEVELS)
+        tok, vae, size = VideoFlexTok(cfg).eval(), PixelVAE(), 8
+    torch.manual_seed(1)
+    with torch.no_grad():   # random weights everywhere: the zero-initialised head would give one id only
+        for p in tok.parameters():
+            p.normal_(0, 0.2)
+    video = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    chunks = sample.Chunks(tok.cfg.max_frames, vae.temporal_factor)
+    batch = sample.tokenize_long(tok, vae, video, chunks)
+    assert batch.unique().numel() > 20
+    for sizes in ([1] * frames, uneven(frames)):
+        edges = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        groups = (video[:, :, a:b] for a, b in zip(edges[:-1], edges[1:]))
+        streamed = list(sample.tokenize_stream(tok, vae, groups, chunks))
+        assert all(ids.shape == (1, 1, 8) for ids in streamed)
+        assert torch.equal(torch.cat(streamed, 1), batch)
+
+
+def test_a_stream_that_ends_inside_a_latent_frame_keeps_what_it_yielded():
+    tok, vae = vidtok_tokenizer(), tiny_vidtok()
+    chunks = sample.Chunks(tok.cfg.max_frames, vae.temporal_factor)
+    stream = sample.tokenize_stream(tok, vae, iter([torch.zeros(1, 3, 7, 32, 32)]), chunks)
+    assert next(stream).shape == (1, 1, 8) and next(stream).shape == (1, 1, 8)   # frames 0 and 1-4
+    with pytest.raises(ValueError, match="ended 2 frames into a latent frame"):
+        next(stream)
+
+
 def test_chunked_decoding_is_conditioned_on_the_last_decoded_frame(monkeypatch):
     cfg = TokenizerConfig.preset("tiny", latent_size=16, max_frames=5, registers=8, repa_dim=0, fsq_levels=LEVELS)
     tok, vae = VideoFlexTok(cfg).eval(), PixelVAE()
