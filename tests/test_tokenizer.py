@@ -49,6 +49,17 @@ def test_encoder_is_time_causal(model):
         assert not torch.equal(a[:, t + 1:], b[:, t + 1:])
 
 
+def test_encoding_frame_by_frame_with_the_cache_equals_encoding_the_clip(model):
+    x = latents()
+    codes, ids = model.encoder(x)
+    cache = model.encoder.frame_cache()
+    frames = [model.encoder.encode_frame(x[:, :, t:t + 1], cache) for t in range(5)]
+    assert torch.allclose(torch.cat([c for c, _ in frames], 1), codes, atol=1e-6)
+    assert torch.equal(torch.cat([i for _, i in frames], 1), ids)
+    with pytest.raises(ValueError, match="takes 5 latent frames per clip"):
+        model.encoder.encode_frame(x[:, :, :1], cache)
+
+
 def test_encoder_registers_are_causal(model):
     """Inside frame t, register i's output (before quantization) does not depend on the frame's
     registers > i; later frames may depend on all of frame t."""
