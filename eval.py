@@ -555,9 +555,11 @@ def parse_args(argv=None):
     rec = commands.add_parser("recon", help="PSNR per token budget and, with --i3d-ckpt, rFVD of reconstructions")
     codes = commands.add_parser("codes", help="FSQ codebook usage of a tokenizer: distinct ids, saturation")
     flow = commands.add_parser("flow", help="the decoder's flow loss per noise level, with its tokens and without")
+    adapt = commands.add_parser("adaptive", help="adaptive token budgets against fixed ones: PSNR at equal tokens, "
+                                                 "tokens at equal PSNR (tokenizer.choose_budgets)")
     probe_cmd = commands.add_parser("probe", help="held-out accuracy of colour, shape and motion from each token position "
                                               "(logistic regression on the synthetic data's codes)")
-    for sub in (rec, codes, flow, probe_cmd):
+    for sub in (rec, codes, flow, probe_cmd, adapt):
         sub.add_argument("--tok-ckpt", type=Path, required=True,
                          help="tokenizer checkpoint (train_tok.py, or an official model.safetensors)")
         sub.add_argument("--data", type=Path, default=None, help="video folder; default: the built-in synthetic data")
@@ -567,8 +569,12 @@ def parse_args(argv=None):
         sub.add_argument("--num", type=int, default=32, help="clips evaluated (the first ones of the folder)")
     probe_cmd.add_argument("--heldout", type=Path, required=True, help="synthetic video folder the probe is scored on")
     probe_cmd.set_defaults(num=None)   # fit on every training clip
-    rec.add_argument("--steps", type=int, default=25, help="Euler steps of the flow decoder")
-    for sub in (rec, flow):
+    for sub in (rec, adapt):
+        sub.add_argument("--steps", type=int, default=25, help="Euler steps of the flow decoder")
+    adapt.add_argument("--static", action="store_true", help="freeze every other clip on its first frame: a set "
+                                                             "that mixes static and moving scenes")
+    adapt.add_argument("--target-psnr", type=float, default=None, help="also: the budgets a PSNR target gives")
+    for sub in (rec, flow, adapt):
         sub.add_argument("--seed", type=int, default=0)
     flow.add_argument("--sheet", type=Path, default=None,
                       help="also write a PNG: the first 4 clips and the decoder's one-step predictions of them from "
@@ -592,7 +598,7 @@ def parse_args(argv=None):
     gen.add_argument("--size", type=int, default=None, help="side in pixels; default: the generated videos' size")
     for sub in (rec, gen):
         sub.add_argument("--i3d-ckpt", type=Path, default=None, help="Kinetics-400 I3D weights, i3d_pretrained_400.pt (see fvd.py)")
-    for sub in (rec, codes, flow, probe_cmd, gen, ceil):
+    for sub in (rec, codes, flow, probe_cmd, adapt, gen, ceil):
         sub.add_argument("--frames", type=int, default=17)
         sub.add_argument("--fps", type=float, default=4.0)
         sub.add_argument("--batch-size", type=int, default=8)
@@ -692,6 +698,53 @@ def run_probe(args) -> dict:
     return scores
 
 
+def adaptive_comparison(table, budgets) -> list[dict]:
+    """Adaptive against fixed token budgets, from a PSNR table (clips, budgets) (tokenizer.budget_psnr). For every
+    fixed k: its mean PSNR; the mean PSNR of adaptive budgets with the same total (`choose_budgets`), and the
+    tokens per frame (mean over clips) the adaptive path needs to reach k's mean PSNR (None if it never does)."""
+    from tokenizer import choose_budgets, greedy_budgets
+
+    n, path, rows = len(table), list(greedy_budgets(table, budgets)), []
+    for j, k in enumerate(budgets):
+        fixed = float(table[:, j].mean())
+        chosen = choose_budgets(table, budgets, total_tokens=k * n)
+        at = torch.tensor([budgets.index(int(c)) for c in chosen])
+        reach = [tokens for _, tokens, mean in path if mean >= fixed - 1e-9]
+        rows.append({"k": k, "fixed_psnr": fixed, "adaptive_psnr": float(table[torch.arange(n), at].mean()),
+                     "adaptive_tokens": float(chosen.float().mean()),
+                     "tokens_to_match": reach[0] / n if reach else None})
+    return rows
+
+
+def run_adaptive(args) -> list[dict]:
+    from tokenizer import budget_psnr
+
+    device = pick_device(args.device)
+    tok, vae, _, batches = load_tokenizer_and_clips(args, device)
+    tables = []
+    for i, batch in enumerate(batches):
+        if args.static:   # every other clip frozen on its first frame: a static scene among moving ones
+            batch[1::2] = batch[1::2, :, :1].expand_as(batch[1::2])
+        tables.append(budget_psnr(tok, vae, batch, steps=args.steps, seed=args.seed + i)[1])
+    table, budgets = torch.cat(tables), token_budgets(tok.cfg.registers)
+    rows = adaptive_comparison(table, budgets)
+    print(f"{len(table)} clips{' (every other one static)' if args.static else ''}; PSNR is the mean over clips")
+    print("fixed k  PSNR (dB)   adaptive at the same tokens: PSNR  k (mean)   adaptive tokens/frame for the same PSNR")
+    for r in rows:
+        match = f"{r['tokens_to_match']:.2f} ({100 * (1 - r['tokens_to_match'] / r['k']):.0f}% fewer)" \
+            if r["tokens_to_match"] is not None else "not reached"
+        print(f"{r['k']:7d}  {r['fixed_psnr']:9.2f}   {r['adaptive_psnr']:34.2f}  {r['adaptive_tokens']:8.2f}   "
+              f"{match}")
+    if args.target_psnr is not None:
+        from tokenizer import choose_budgets
+        chosen = choose_budgets(table, budgets, target_psnr=args.target_psnr)
+        met = table[torch.arange(len(table)), torch.tensor([budgets.index(int(c)) for c in chosen])] >= args.target_psnr
+        print(f"target {args.target_psnr} dB: tokens per frame " + ", ".join(
+            f"{k}: {int((chosen == k).sum())} clips" for k in budgets) + f"; {int((~met).sum())} clips reach it at no "
+            f"budget and get {budgets[-1]}")
+    return rows
+
+
 def run_recon(args) -> dict:
     from fvd import load_i3d
 
@@ -746,8 +799,8 @@ def run_gfvd(args) -> float:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return {"adherence": run_adherence, "recon": run_recon, "codes": run_codes, "probe": run_probe, "flow": run_flow,
-                "gfvd": run_gfvd, "ceiling": run_ceiling}[args.command](args)
+        return {"adherence": run_adherence, "recon": run_recon, "adaptive": run_adaptive, "codes": run_codes,
+                "probe": run_probe, "flow": run_flow, "gfvd": run_gfvd, "ceiling": run_ceiling}[args.command](args)
     except (ValueError, FileNotFoundError, BadVideo) as err:
         raise SystemExit(f"eval.py: error: {err}") from err
 

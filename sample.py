@@ -57,7 +57,7 @@ from checkpoint import build_checked, torch_load
 from data import BadVideo, from_uint8, load_clip, probe, start_frames, to_uint8, write_png_grid, write_video
 from decoder import APG, token_budgets
 from eval import psnr
-from tokenizer import VideoFlexTok
+from tokenizer import VideoFlexTok, budget_psnr, choose_budgets
 from trainer import at_least, check_args, pick_device, positive
 from vae import VAE_KINDS, checked_frame_stream, load_vae
 
@@ -73,6 +73,12 @@ def parse_args(argv=None):
                       help="class-to-video: a class name or id (repeatable)")
     what.add_argument("--reconstruct", type=Path, default=None, metavar="VIDEO",
                       help="tokenize this video and decode it from 1, 2, 4, ..., K tokens per frame")
+    what.add_argument("--target-psnr", type=float, default=None,
+                      help="--reconstruct: also decode with adaptive budgets, the fewest tokens per frame that reach "
+                           "this PSNR in every chunk")
+    what.add_argument("--mean-tokens", type=float, default=None,
+                      help="--reconstruct: also decode with adaptive budgets, this mean of tokens per frame spread "
+                           "over the chunks that gain most from it")
     what.add_argument("--num-samples", type=int, default=1, help="videos per prompt or class")
     what.add_argument("--tokens-per-frame", type=int, default=None, help="1..K; default 32, or K if smaller")
     what.add_argument("--frames", type=int, default=None,
@@ -110,7 +116,12 @@ def parse_args(argv=None):
     check_args(args, {"num_samples": (positive, ">= 1"), "fps": (positive, "> 0"), "size": (positive, ">= 1"),
                       "steps": (positive, ">= 1"), "guidance": (at_least(0), ">= 0"), "cfg": (at_least(0), ">= 0"),
                       "temperature": (positive, "> 0"), "top_k": (positive, ">= 1"),
-                      "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "seed": (at_least(0), ">= 0")}, "sample.py")
+                      "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "seed": (at_least(0), ">= 0"),
+                      "target_psnr": (positive, "> 0"), "mean_tokens": (at_least(1), ">= 1")}, "sample.py")
+    if (args.target_psnr is not None or args.mean_tokens is not None) and not args.reconstruct:
+        p.error("--target-psnr and --mean-tokens choose budgets for --reconstruct")
+    if args.target_psnr is not None and args.mean_tokens is not None:
+        p.error("give --target-psnr or --mean-tokens, not both")
     return args
 
 
@@ -191,19 +202,21 @@ def decode_long(tok, vae, ids, chunks, **decode_kwargs):
     return torch.cat(list(decode_pieces(tok, vae, ids, chunks, **decode_kwargs)), 2)
 
 
-def decode_pieces(tok, vae, ids, chunks, progressive=False, **decode_kwargs):
+def decode_pieces(tok, vae, ids, chunks, progressive=False, chunk_budgets=None, **decode_kwargs):
     """decode_long's video, in pieces (B, 3, f, H, W) in frame order: a chunk at a time, or with `progressive`
     the frames of each latent frame as soon as the decoder and the VAE have them (tok.decode_frames, then
-    vae.decode_stream; needs the time-causal decoder and no APG)."""
+    vae.decode_stream; needs the time-causal decoder and no APG). chunk_budgets: tokens per frame of each chunk
+    (adaptive budgets), else all of ids' k."""
     k, n = ids.shape[2], chunks.latents - 1
     starts = list(range(chunks.latents, ids.shape[1], n))
     prefix = None
     with flow_progress(tok, (1 + len(starts)) * decode_kwargs.get("steps", 25)):
-        for start in tqdm([0, *starts], desc="decoding chunks", leave=False, disable=not starts):
+        for c, start in enumerate(tqdm([0, *starts], desc="decoding chunks", leave=False, disable=not starts)):
+            k = k if chunk_budgets is None else int(chunk_budgets[c])
             if prefix is None:
-                chunk = ids[:, :chunks.latents]
+                chunk = ids[:, :chunks.latents, :k]
             else:
-                chunk = torch.cat([tok.encode(prefix)[..., :k], ids[:, start:start + n]], 1)
+                chunk = torch.cat([tok.encode(prefix)[..., :k], ids[:, start:start + n, :k]], 1)
             if progressive:
                 kwargs = {key: value for key, value in decode_kwargs.items() if key != "apg"}
                 pieces = vae.decode_stream(tok.decode_frames(chunk, prefix_latents=prefix, **kwargs), chunk.shape[1])
@@ -445,14 +458,49 @@ def reconstruct(args, tok, vae, output, video):
         recon = decode_long(tok, vae, ids[..., :k], chunks, **decode_settings(args, vae, gen))
         results[k] = psnr(recon, video)
         rows.append(recon[0])
-    write_videos(output, rows + [video[0]], [f"recon-k{k:03d}" for k in budgets] + ["input"], args.fps)
+    names = [f"recon-k{k:03d}" for k in budgets]
+    tokens = ids.cpu()
+    if args.target_psnr is not None or args.mean_tokens is not None:
+        recon, per_chunk, chunk_psnr = adaptive_reconstruction(args, tok, vae, video, ids, chunks, budgets)
+        results["adaptive"] = {"target_psnr": args.target_psnr, "mean_tokens": args.mean_tokens,
+                               "tokens_per_frame": per_chunk, "chunk_psnr": chunk_psnr, "psnr": psnr(recon, video)}
+        tokens = {"ids": tokens, "tokens_per_frame": torch.tensor(per_chunk), "chunk_frames": chunks.frames}
+        rows.append(recon[0])
+        names.append("recon-adaptive")
+    write_videos(output, rows + [video[0]], names + ["input"], args.fps)
     write_sheet(output, "reconstruct.png", rows + [video[0]])
-    torch.save(ids.cpu(), output.path("tokens.pt"))
+    torch.save(tokens, output.path("tokens.pt"))
     output.path("psnr.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     print(f"{args.reconstruct}: {args.frames} frames, {ids.shape[1]} latent frames x {K} tokens")
     print("tokens/frame  PSNR (dB)")
     for k, value in results.items():
-        print(f"{k:12d}  {value:.2f}")
+        if k != "adaptive":
+            print(f"{k:12d}  {value:.2f}")
+    if "adaptive" in results:
+        a = results["adaptive"]
+        rule = f"target {args.target_psnr} dB" if args.target_psnr is not None else f"mean {args.mean_tokens} tokens"
+        print(f"adaptive ({rule}): tokens/frame per chunk {a['tokens_per_frame']}, PSNR {a['psnr']:.2f} dB")
+
+
+def adaptive_reconstruction(args, tok, vae, video, ids, chunks, budgets):
+    """--target-psnr / --mean-tokens: tokens per frame for every chunk of the video, chosen from that chunk's own
+    reconstructions (tokenizer.budget_psnr: the chunk decoded alone, seed --seed), then the video decoded chunk by
+    chunk with them. Returns (video, tokens per frame per chunk, each chunk's PSNR at its budget)."""
+    n = chunks.check(video.shape[2])
+    windows = torch.cat([video[:, :, i * chunks.stride:i * chunks.stride + chunks.frames] for i in range(n)])
+    settings = decode_settings(args, vae, None)
+    settings.pop("generator")
+    _, table = budget_psnr(tok, vae, windows, seed=args.seed, **settings)
+    total = None if args.mean_tokens is None else round(args.mean_tokens * n)
+    chosen = choose_budgets(table, budgets, target_psnr=args.target_psnr, total_tokens=total)
+    at = [budgets.index(int(k)) for k in chosen]
+    chunk_psnr = [float(table[i, j]) for i, j in enumerate(at)]
+    if args.target_psnr is not None and min(chunk_psnr) < args.target_psnr:
+        missed = [i for i, p in enumerate(chunk_psnr) if p < args.target_psnr]
+        print(f"note: no budget reaches {args.target_psnr} dB for chunk(s) {missed}: they get all {budgets[-1]} tokens")
+    gen = torch.Generator(video.device).manual_seed(args.seed)
+    recon = decode_long(tok, vae, ids, chunks, chunk_budgets=chosen.tolist(), **decode_settings(args, vae, gen))
+    return recon, chosen.tolist(), chunk_psnr
 
 
 def read_clip(path, frames, fps, size):

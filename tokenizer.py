@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 import official
-from decoder import Decoder
+from decoder import Decoder, token_budgets
 from encoder import Encoder
 from fsq import LEVELS
 from checkpoint import build_checked, check_state_dict, torch_load
@@ -200,14 +200,16 @@ class VideoFlexTok(nn.Module):
         return self.encoder(latents)[1]
 
     @torch.no_grad()
-    def decode(self, ids, steps=25, guidance=1.0, apg=None, prefix_latents=None, generator=None, size=None):
+    def decode(self, ids, steps=25, guidance=1.0, apg=None, prefix_latents=None, generator=None, size=None,
+               budget=None):
         """Token ids (B, T', k), any 1 <= k <= K (the first k tokens of every frame) -> latents.
 
         steps: Euler steps; guidance: CFG scale (1 = off), with `apg=decoder.APG()` for adaptive projected
         guidance (the official video setting is guidance 25 with APG); prefix_latents: clean
-        leading latent frames to condition on; size: latent (h, w), default the trained size.
+        leading latent frames to condition on; size: latent (h, w), default the trained size;
+        budget (B,): tokens per frame of each clip, <= k (adaptive budgets, `choose_budgets`); default k.
         """
-        codes, keep_k, size = self._decoder_inputs(ids, prefix_latents, size)
+        codes, keep_k, size = self._decoder_inputs(ids, prefix_latents, size, budget)
         return self.decoder.sample(codes, keep_k, size, steps, guidance, apg, prefix_latents, generator)
 
     def decode_frames(self, ids, steps=25, guidance=1.0, prefix_latents=None, generator=None, size=None):
@@ -217,7 +219,7 @@ class VideoFlexTok(nn.Module):
         codes, keep_k, size = self._decoder_inputs(ids, prefix_latents, size)
         return self.decoder.sample_frames(codes, keep_k, size, steps, guidance, prefix_latents, generator)
 
-    def _decoder_inputs(self, ids, prefix_latents, size):
+    def _decoder_inputs(self, ids, prefix_latents, size, budget=None):
         """Checked ids -> the decoder's (codes (B, T, K, 6), keep_k (B,), latent size (h, w))."""
         K = self.cfg.registers
         self._check_ids(ids)
@@ -233,7 +235,13 @@ class VideoFlexTok(nn.Module):
         padded = torch.zeros(B, T, K, dtype=torch.long, device=ids.device)
         padded[..., :k] = ids
         codes = self.encoder.fsq.ids_to_codes(padded).to(self.decoder.from_codes.weight.dtype)
-        return codes, torch.full((B,), k, device=ids.device), size
+        if budget is None:
+            return codes, torch.full((B,), k, device=ids.device), size
+        budget = torch.as_tensor(budget, device=ids.device)
+        if budget.shape != (B,) or not ((1 <= budget) & (budget <= k)).all():
+            raise ValueError(f"budget must hold one tokens-per-frame count in [1, {k}] per clip ({B}); got "
+                             f"{budget.tolist()}")
+        return codes, budget, size
 
     def tokenize(self, video, vae):
         """Video (B, 3, T, H, W) in [-1, 1] -> ids, through a frozen VAE (`vae.VidTokVAE`, `vae.PixelVAE`,
@@ -287,6 +295,66 @@ class VideoFlexTok(nn.Module):
         if ids.numel() and (ids.min() < 0 or ids.max() >= V):
             raise ValueError(f"ids must be in [0, {V}) (the FSQ codebook); got range "
                              f"[{ids.min().item()}, {ids.max().item()}]")
+
+
+################################################################################
+# Adaptive token budgets: each clip gets the tokens its content needs (a flexible-length code's use)
+
+@torch.no_grad()
+def budget_psnr(tok, vae, video, seed=0, **decode_kwargs):
+    """(ids (B, T', K), PSNR table (B, budgets)): every clip of `video` (B, 3, T, H, W) reconstructed from its
+    first k tokens per frame for k = 1, 2, 4, ..., K (`decode` settings as given), with the same seed at every k."""
+    ids = tok.tokenize(video, vae)
+    table = []
+    for k in token_budgets(tok.cfg.registers):
+        gen = torch.Generator(video.device).manual_seed(seed)
+        recon = tok.detokenize(ids[..., :k], vae, generator=gen, **decode_kwargs).clamp(-1, 1)
+        mse = (recon - video.clamp(-1, 1)).float().pow(2).flatten(1).mean(1)
+        table.append(10 * torch.log10(4 / mse.clamp_min(1e-10)))
+    return ids, torch.stack(table, 1).cpu()
+
+
+def greedy_budgets(table, budgets, limit=None):
+    """The allocation path over a PSNR table (B, len(budgets)): every clip starts at the smallest budget, then,
+    step after step, the clip and higher budget with the most PSNR gained per extra token per frame is moved up
+    (among the moves that keep the total within `limit`, if given). Yields (budget index per clip (B,), tokens
+    per frame summed over the clips, mean PSNR) at every step; it ends when no move gains."""
+    B, n = table.shape
+    at, rows = torch.zeros(B, dtype=torch.long), torch.arange(B)
+    cost = torch.tensor(budgets, dtype=torch.float)
+    while True:
+        tokens = int(cost[at].sum())
+        yield at.clone(), tokens, float(table[rows, at].mean())
+        extra = cost[None] - cost[at][:, None]                                   # (B, n)
+        gain = (table - table[rows, at][:, None]) / extra.clamp_min(1e-9)
+        blocked = torch.arange(n)[None] <= at[:, None]                           # only upward moves
+        if limit is not None:
+            blocked |= extra > limit - tokens
+        gain[blocked] = -float("inf")
+        best = int(gain.argmax())
+        if gain.flatten()[best] <= 0:
+            return
+        at[best // n] = best % n
+
+
+def choose_budgets(table, budgets, target_psnr=None, total_tokens=None):
+    """Tokens per frame for every clip (B,) from its PSNR table (B, len(budgets)).
+
+    target_psnr: the smallest budget whose PSNR reaches the target, and the largest where none does (compare
+    the table at the result with the target to see which). total_tokens: a total of tokens per frame over the
+    clips (a clip at k counts k), spread by `greedy_budgets` to the clips that gain the most from it."""
+    budgets_t = torch.tensor(budgets)
+    if (target_psnr is None) == (total_tokens is None):
+        raise ValueError("give one of target_psnr or total_tokens")
+    if target_psnr is not None:
+        reached = table >= target_psnr
+        last = torch.full((len(table),), len(budgets) - 1)
+        return budgets_t[torch.where(reached.any(1), reached.float().argmax(1), last)]
+    if total_tokens < budgets[0] * len(table):
+        raise ValueError(f"total_tokens must be at least {budgets[0] * len(table)} (every clip at {budgets[0]} "
+                         f"token per frame); got {total_tokens}")
+    *_, (at, _, _) = greedy_budgets(table, budgets, limit=total_tokens)
+    return budgets_t[at]
 
 
 ################################################################################

@@ -141,6 +141,25 @@ def uneven(frames, sizes=(3, 1, 7, 10, 2)):
     return out
 
 
+@pytest.mark.parametrize("rule", [["--target-psnr", "1000"], ["--target-psnr", "1"], ["--mean-tokens", "3"]],
+                         ids=["unreachable", "easy", "mean"])
+def test_reconstruct_with_adaptive_budgets_per_chunk(ckpts, tmp_path, capsys, rule):
+    sample.main(["--tok-ckpt", str(ckpts / "tok.pt"), "--reconstruct", str(ckpts / "input.mp4"), "--frames", "9",
+                 "--steps", "2", "--guidance", "1", *rule, "--out", str(tmp_path)])
+    adaptive = json.loads((tmp_path / "psnr.json").read_text())["adaptive"]
+    saved = torch.load(tmp_path / "tokens.pt", weights_only=True)
+    assert saved["ids"].shape == (1, 9, 8) and saved["tokens_per_frame"].tolist() == adaptive["tokens_per_frame"]
+    per_chunk = adaptive["tokens_per_frame"]                        # 9 frames in 5-frame chunks: two chunks
+    assert len(per_chunk) == 2 and frames_of(tmp_path / "recon-adaptive.mp4").shape == (9, 16, 16, 3)
+    printed = capsys.readouterr().out
+    if rule[1] == "1000":   # no budget reaches it: the result says so and uses K
+        assert per_chunk == [8, 8] and "no budget reaches 1000.0 dB" in printed
+    elif rule[1] == "1":
+        assert per_chunk == [1, 1]
+    else:
+        assert sum(per_chunk) <= 6 and all(k in (1, 2, 4, 8) for k in per_chunk)
+
+
 @pytest.mark.parametrize("frames", [17, 81])
 @pytest.mark.parametrize("kind", ["vidtok", "pixel"])
 def test_streaming_tokenization_gives_the_ids_of_batch_tokenization(kind, frames):

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from decoder import APG, guide, repa_loss, sample_keep_k
-from tokenizer import TokenizerConfig, VideoFlexTok, overfit, random_clips, reconstruction_errors
+from vae import PixelVAE
+from tokenizer import (TokenizerConfig, VideoFlexTok, budget_psnr, choose_budgets, greedy_budgets, overfit, random_clips,
+                       reconstruction_errors)
 
 
 def small_config(**overrides):
@@ -174,6 +176,32 @@ def test_frame_by_frame_decoding_refuses_a_full_attention_decoder():
     model = random_model(small_config(dec_mask="full"))
     with pytest.raises(ValueError, match="time-causal decoder.*decode the clip jointly"):
         next(model.decode_frames(model.encode(latents())))
+
+
+def test_adaptive_budgets_follow_the_target_or_spread_a_total():
+    table = torch.tensor([[30.0, 31, 31.5, 31.6], [20, 25, 29, 33], [22, 22.5, 23, 23.2]])
+    budgets = [1, 2, 4, 8]
+    assert choose_budgets(table, budgets, target_psnr=29).tolist() == [1, 4, 8]   # the last reaches it at none
+    # 9 tokens per frame in all: the big gains first (clip 2 up to 4), then the cheap ones that still fit.
+    assert choose_budgets(table, budgets, total_tokens=9).tolist() == [2, 4, 2]
+    assert choose_budgets(table, budgets, total_tokens=100).tolist() == [8, 8, 8]
+    path = list(greedy_budgets(table, budgets))
+    assert [tokens for _, tokens, _ in path] == sorted(tokens for _, tokens, _ in path)
+    assert all(b[2] >= a[2] for a, b in zip(path, path[1:]))                     # every move gains
+    with pytest.raises(ValueError, match="at least 3"):
+        choose_budgets(table, budgets, total_tokens=2)
+
+
+def test_per_clip_budgets_decode_each_clip_from_its_own_prefix(model):
+    x = latents()
+    ids = model.encode(x)
+    mixed = decode(model, ids[..., :4], budget=torch.tensor([1, 4]))
+    assert torch.allclose(mixed[:1], decode(model, ids[:, :, :1])[:1], atol=1e-5)
+    assert torch.allclose(mixed[1:], decode(model, ids[..., :4])[1:], atol=1e-5)
+    with pytest.raises(ValueError, match="budget must hold one"):
+        decode(model, ids[..., :4], budget=torch.tensor([1, 5]))
+    _, table = budget_psnr(model, PixelVAE(), x.clamp(-1, 1), steps=2)
+    assert table.shape == (2, 4) and torch.isfinite(table).all()
 
 
 def test_training_losses_and_gradients():
