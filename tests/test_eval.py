@@ -282,3 +282,15 @@ def test_ceiling_refuses_a_size_the_patches_do_not_tile():
         ev.main(["ceiling", "--size", "30", "--steps", "1"])
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         ev.main(["ceiling", "--steps", "0"])
+
+
+def test_adaptive_budgets_beat_fixed_ones_on_a_mixed_set():
+    """Easy clips (flat PSNR) beside hard ones (PSNR rising with k): adaptive budgets give the hard clips the
+    tokens, so they reach a fixed budget's mean PSNR with fewer tokens and beat it at the same total."""
+    easy, hard = [30.0, 30.1, 30.1, 30.2], [20.0, 24.0, 28.0, 31.0]
+    rows = ev.adaptive_comparison(torch.tensor([easy, hard] * 4), [1, 2, 4, 8])
+    assert [r["k"] for r in rows] == [1, 2, 4, 8]
+    for r in rows:
+        assert r["adaptive_psnr"] >= r["fixed_psnr"] and r["adaptive_tokens"] <= r["k"]
+    for r in rows[1:3]:   # k = 2 and 4 (at K every clip has all its tokens either way)
+        assert r["adaptive_psnr"] > r["fixed_psnr"] + 0.9 and r["tokens_to_match"] <= 0.875 * r["k"]
