@@ -33,8 +33,16 @@ When generating, the AR model's latent frames per sequence (at most T'_max) set 
   prompt. That is the limit of this design; an AR model trained on longer sequences or with frame
   prefixes would remove it.
 
+Beyond batch use (both rest on time causality, frame t never depending on later frames):
+- Streaming tokenization (`tokenize_stream`): frames in as they arrive, each latent frame's ids out
+  as soon as the causal VAE has produced it, identical to `tokenize_long`.
+- Progressive decoding (`--progressive`, `decode_pieces`): frame by frame, each written the moment
+  it is decoded, the same video as joint decoding.
+- Adaptive budgets (`--target-psnr`, `--mean-tokens` with --reconstruct): each chunk gets the tokens
+  per frame its content needs (tokenizer.choose_budgets), which the coarse-to-fine order allows.
+
 Outputs go to a hidden temporary folder inside --out and are moved into place only once all of
-them are written, so a failure leaves nothing half-written behind.
+them are written, so a failure leaves nothing half-written behind (except --progressive's frames).
 """
 import argparse
 import itertools
