@@ -65,8 +65,8 @@ def test_probe_finds_the_position_that_carries_the_class():
 @pytest.mark.skipif(not BUNDLED, reason="no bundled demo models (make demo-train)")
 def test_bundled_models_draw_the_requested_class():
     """A change that breaks the models, their loading or their sampling fails here. 8 samples per condition at
-    the top budget; the thresholds sit below the bundled figures (demo.json at k = 8: colour 100%, shape 91%
-    and 94%, motion 88% and 100%, class 81% and 94% for text and classes) to leave room for sampling noise."""
+    the top budget; the thresholds sit below the bundled figures (demo.json at k = 8: colour 100%, shape 100%
+    and 94%, motion 100%, class 100% and 94% for text and classes) to leave room for sampling noise."""
     torch.manual_seed(0)
     bundle = demo.Bundle()
     K = bundle.tok.cfg.registers
