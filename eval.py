@@ -329,7 +329,7 @@ def one_hot_digits(ids, levels) -> torch.Tensor:
 
 
 def fit_logistic(x, y, classes: int, steps: int = 200, weight_decay: float = 1e-3):
-    """Multinomial logistic regression (L-BFGS, a small L2 penalty) -> a function from features to labels."""
+    """Multinomial logistic regression (L-BFGS, a small L2 penalty) -> a function from features to logits."""
     w = torch.zeros(x.shape[1], classes, requires_grad=True)
     b = torch.zeros(classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
@@ -342,25 +342,34 @@ def fit_logistic(x, y, classes: int, steps: int = 200, weight_decay: float = 1e-
 
     with torch.enable_grad():
         opt.step(closure)
-    return lambda features: (features @ w + b).argmax(-1)
+    return lambda features: features @ w + b
 
 
 @torch.no_grad()
 def token_probe(train_ids, train_names, test_ids, test_names, levels) -> dict:
     """How much of the class each token position carries: for every position j (1..K), a logistic regression of
-    colour, shape, motion and the whole class on the codes of token j in every frame (`one_hot_digits`), fitted
-    on training clips and scored on held-out ones. ids (N, T, K). Returns {attribute: [accuracy per position]}.
+    the whole class (48-way) on the codes of token j in every frame (`one_hot_digits`), fitted on training clips
+    and scored on held-out ones; colour, shape and motion are read from its class probabilities, summed over the
+    classes that share the attribute. ids (N, T, K). Returns {attribute: [accuracy per position]}.
+
+    Why through the class: an attribute such as "left" is the union of 12 class clusters in code space, which a
+    linear model of the attribute alone cannot separate even when every cluster is plain (on the bundled demo
+    tokenizer, position 1: motion 88% read directly, 99% through the class model, whose class accuracy is 95%).
 
     The paper's claim is that the first tokens carry semantics and motion (§1, §4.2): then position 1 predicts
     colour and motion well, and later positions, which refine the reconstruction, predict less."""
     train_y, test_y = class_attributes(train_names), class_attributes(test_names)
-    sizes = {"color": len(COLORS), "shape": len(SHAPES), "motion": len(MOTIONS), "class": len(SYNTHETIC_CLASSES)}
-    out = {key: [] for key in sizes}
+    parts = class_attributes(SYNTHETIC_CLASSES)   # the colour, shape and motion label of each of the 48 classes
+    out = {key: [] for key in ("color", "shape", "motion", "class")}
     for j in range(train_ids.shape[-1]):
         x_train, x_test = one_hot_digits(train_ids[..., j], levels), one_hot_digits(test_ids[..., j], levels)
-        for key, n in sizes.items():
-            predict = fit_logistic(x_train, train_y[key], n)
-            out[key].append((predict(x_test) == test_y[key]).float().mean().item())
+        probs = fit_logistic(x_train, train_y["class"], len(SYNTHETIC_CLASSES))(x_test).softmax(-1)
+        for key in out:
+            if key == "class":
+                guess = probs.argmax(-1)
+            else:
+                guess = torch.zeros(len(probs), int(parts[key].max()) + 1).index_add_(1, parts[key], probs).argmax(-1)
+            out[key].append((guess == test_y[key]).float().mean().item())
     return out
 
 
@@ -688,7 +697,8 @@ def run_probe(args) -> dict:
             raise ValueError(f"{folder.root} has no <class>/<video> layout: the probe needs the synthetic data's classes")
         sets += [torch.cat([tok.encode(vae.encode(b)).cpu() for b in batches]), class_names(folder, args.num)]
     scores = token_probe(*sets, tok.cfg.fsq_levels)
-    print(f"held-out accuracy from one token position (logistic regression on its codes in every frame), "
+    print(f"held-out accuracy from one token position (a logistic regression of the class on its codes in every "
+          f"frame; colour, shape and motion read from the class probabilities), "
           f"{len(sets[0])} training and {len(sets[2])} held-out clips")
     print("position  " + "  ".join(f"{key:>6s}" for key in scores))
     for j in range(len(scores["color"])):

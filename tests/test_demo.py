@@ -57,7 +57,7 @@ def test_probe_finds_the_position_that_carries_the_class():
     ids[:, 4, 0] = labels % 4
     ids[:, :, 2] = (labels // 12)[:, None] * 8 + torch.from_numpy(rng.integers(0, 8, (480, 5)))
     scores = ev.token_probe(ids[:384], names[:384], ids[384:], names[384:], levels)
-    assert min(scores[key][0] for key in ("color", "shape", "motion")) == 1.0 and scores["class"][0] > 0.5
+    assert min(scores[key][0] for key in ("color", "shape", "motion")) >= 0.95 and scores["class"][0] > 0.5
     assert max(scores[key][1] for key in ("color", "shape", "motion")) < 0.6
     assert scores["color"][2] == 1.0 and scores["motion"][2] < 0.5
 
