@@ -431,9 +431,12 @@ def _decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
 
 
-def _stream_job(args: argparse.Namespace, latent_frames: int):
-    """A tokenizer, VidTok and a stream of 1 + 4 (latent_frames - 1) random frames made one at a time (so that the
-    input is not held); return the call that tokenizes the stream (sample.tokenize_stream)."""
+def _stream_latencies(args: argparse.Namespace, latent_frames: int) -> tuple[list[list[float]], list[int]]:
+    """Tokenize a stream of 1 + 4 (latent_frames - 1) random frames, made one at a time so that the input is not
+    held, through VidTok and the encoder's frame cache (sample.tokenize_stream), warm-up + runs times. Returns
+    the seconds each latent frame took to come out (from the previous one) per timed run, and at each latent
+    frame of the last run (memory held, its growth since the stream began) in bytes: the process's resident
+    set on CPU, allocated tensors on CUDA."""
     from sample import Chunks, tokenize_stream
     from tokenizer import VideoFlexTok
     from vae import VidTokVAE
@@ -446,33 +449,47 @@ def _stream_job(args: argparse.Namespace, latent_frames: int):
     vae = VidTokVAE("v1.0", ch=vae_size(reduced)[0]).to(device, dtype).eval()
     side = cfg.latent_size * vae.spatial_factor
     chunks = Chunks(cfg.max_frames, vae.temporal_factor)
-
-    def run():
+    gaps, memory = [], []
+    for _ in range(args.warmup + args.runs):
         gen = torch.Generator(device).manual_seed(0)
         frames = (torch.rand(1, 3, 1, side, side, generator=gen, device=device, dtype=dtype) * 2 - 1
                   for _ in range(1 + 4 * (latent_frames - 1)))
+        before = _status_bytes("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated(device)
+        times, memory = [time.perf_counter()], []
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            for _ in tokenize_stream(tok, vae, frames, chunks):
-                pass
-    return run
+            for ids in tokenize_stream(tok, vae, frames, chunks):
+                ids.cpu()   # waits for the device
+                times.append(time.perf_counter())
+                now = _status_bytes("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated(device)
+                memory.append((now, now - before))
+        gaps.append([b - a for a, b in zip(times, times[1:])])
+    return gaps[args.warmup:], memory
 
 
 def bench_stream(args: argparse.Namespace) -> None:
     """Streaming tokenization (`sample.tokenize_stream`): frames fed one at a time through VidTok and the encoder's
-    frame cache, in 17-frame chunks. Seconds per latent frame and peak memory for streams of several lengths:
-    both should stay flat, since every chunk starts a fresh VAE stream and cache."""
+    frame cache, in 17-frame chunks. For latent frames 5, 21 and 81 of one stream: the seconds from the latent
+    frame before to this one, and the memory held then. Both should stay flat along the stream, since every chunk
+    starts a fresh VAE stream and cache (5, 21 and 81 are each the last latent frame of a chunk)."""
     device, dtype, reduced = setup(args)
     cfg = tok_config(args.preset, reduced)
-    for n in args.latent_frames:
-        times, peak = measure_job(_stream_job, args, n)
-        row(f"streaming tokenization, {n} latent frames ({1 + 4 * (n - 1)} frames, one at a time)",
+    n = max(args.latent_frames)
+    if device.type == "cpu":   # a fresh process, so that memory freed earlier cannot hide the growth
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            gaps, memory = pool.apply(_stream_latencies, (args, n))
+    else:
+        gaps, memory = _stream_latencies(args, n)
+    for t in args.latent_frames:
+        row(f"streaming tokenization: latent frame {t} of {n} (frames one at a time)",
             tok_describe(args.preset, cfg, reduced, 1) + f", VidTok ch={vae_size(reduced)[0]}", device_name(device),
-            dtype, times, f"{statistics.median(times) / n:.4f} s per latent frame, {mib(peak)}")
+            dtype, [run[t - 1] for run in gaps], f"memory {memory[t - 1][0] / 2 ** 20:.0f} MiB "
+            f"({memory[t - 1][1] / 2 ** 20:+.0f} MiB since the stream began)")
 
 
 def _stream_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="d18-d18")
-    parser.add_argument("--latent-frames", type=int, nargs="+", default=[5, 21, 81])
+    parser.add_argument("--latent-frames", type=int, nargs="+", default=[5, 21, 81],
+                        help="latent frames to report, in one stream as long as the largest")
 
 
 ################################################################################
@@ -712,8 +729,8 @@ BENCHMARKS = {
                   "attention fwd and fwd+bwd: FlexAttention block masks vs SDPA dense mask vs SDPA no mask"),
     "decode": (bench_decode, _decode_options, "decoding: seconds per clip and peak memory by tokens per frame; "
                                               "progressive decoding's first frame and whole clip"),
-    "stream": (bench_stream, _stream_options, "streaming tokenization: seconds and peak memory per latent frame, "
-                                              "5, 21 and 81 latent frames"),
+    "stream": (bench_stream, _stream_options, "streaming tokenization: seconds and memory of latent frames 5, 21 and "
+                                              "81 of one stream"),
     "vae": (bench_vae, _vae_options, "VidTok encode+decode speed, vae.py vs diffusers"),
     "vae-memory": (bench_vae_memory, _vae_memory_options,
                    "VidTok encode and decode: clips/s and peak memory, 17 vs 81 frames"),
