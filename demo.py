@@ -62,7 +62,7 @@ class Bundle:
         missing = [name for name in FILES if not (root / name).is_file()]
         if missing:
             raise SystemExit(f"demo models missing in {root}: {', '.join(missing)}. Run `make demo-train` to train "
-                             "them (about 70 minutes on 2 CPU cores), or restore them with git checkout assets/demo")
+                             "them (about an hour on 2 CPU cores), or restore them with git checkout assets/demo")
         try:
             self.vae = DemoVAE.from_checkpoint(root / "vae.pt").to(device)
             self.tok = VideoFlexTok.from_checkpoint(root / "tok.pt").to(device)
