@@ -639,6 +639,45 @@ def bench_data(args: argparse.Namespace) -> None:
             del loader
 
 
+def bench_epochs(args: argparse.Namespace) -> None:
+    """Training batches over several epochs (`trainer.batches`, what train_tok.py iterates) from a VideoFolder of
+    short synthetic mp4s: the seconds to the first batch of every epoch (worker start-up and the first clips) and
+    per batch inside the epochs. Loading runs on the CPU whatever the device."""
+    import os
+    import tempfile
+
+    from data import VideoFolder, make_synthetic
+    from trainer import Progress, batches
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_synthetic(tmp, num=args.videos, seed=0, size=args.size, frames=24, fps=8)
+        dataset = VideoFolder(tmp, frames=args.frames, fps=4.0, size=args.size, index=False)
+        per_epoch = len(dataset) // args.batch_size
+        for workers in args.workers:
+            progress = Progress()
+            first, inside = [], []
+            last = time.perf_counter()
+            for batch in batches(dataset, progress, per_epoch * args.epochs, args.batch_size, workers, 0, 1, 0):
+                now = time.perf_counter()
+                (first if progress.batch_in_epoch == 1 else inside).append(now - last)
+                progress.step += 1
+                last = time.perf_counter()
+            row("training batches over epochs (trainer.batches)",
+                f"{len(dataset)} videos, {args.frames}x{args.size}x{args.size} clips, batch {args.batch_size}, "
+                f"{workers} workers, {args.epochs} epochs", f"cpu ({os.cpu_count()} cores)", torch.float32,
+                first, f"first batch of an epoch {statistics.median(first):.3f} s, other batches "
+                f"{statistics.median(inside):.3f} s")
+
+
+def _epochs_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--videos", type=int, default=48)
+    parser.add_argument("--frames", type=int, default=5)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2])
+
+
 def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--fps", type=float, default=4.0)
@@ -735,6 +774,8 @@ BENCHMARKS = {
     "vae-memory": (bench_vae_memory, _vae_memory_options,
                    "VidTok encode and decode: clips/s and peak memory, 17 vs 81 frames"),
     "ar": (bench_ar, _ar_options, "AR sampling tokens/s with the KV cache, batch 1 and 16, 160 and 1280 tokens"),
+    "epochs": (bench_epochs, _epochs_options, "training batches over epochs: the first batch of an epoch against "
+                                              "the others"),
     "data": (bench_data, _data_options, "VideoFolder clips/s per DataLoader worker, 17x128x128 clips from mp4"),
 }
 
