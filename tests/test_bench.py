@@ -21,7 +21,7 @@ TINY = {
     "vae": ["--frames", "5"],
     "vae-memory": ["--frames", "5"],
     "ar": ["--batch-sizes", "2", "--lengths", "5", "330"],
-    "epochs": ["--videos", "4", "--batch-size", "2", "--epochs", "2", "--workers", "0"],
+    "epochs": ["--videos", "4", "--batch-size", "2", "--epochs", "1", "--workers", "0"],
     "data": ["--videos", "2", "--seconds", "2", "--frames", "5", "--clips", "2", "--batch-size", "1", "--workers", "0",
              "--size", "32", "--source-size", "32"],
 }
