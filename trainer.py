@@ -195,22 +195,68 @@ class Progress:
 def batches(dataset, progress, steps, batch_size, num_workers, seed, world, rank):
     """Training batches, epoch after epoch, from `progress` on until `steps`.
 
-    The caller counts each finished optimizer step with `progress.step += 1`; the position in the
-    epoch is kept here, already counting the batch being used, so a checkpoint taken in the step
-    resumes after it.
+    One DataLoader serves the whole run, so its workers start once and keep their open videos; the
+    (epoch, index) keys of `EpochSampler` tell them which epoch an item belongs to. The caller counts
+    each finished optimizer step with `progress.step += 1`; the position in the epoch is kept here,
+    already counting the batch being used, so a checkpoint taken in the step resumes after it.
     """
-    while progress.step < steps:
-        empty = True
-        for batch in epoch_loader(dataset, batch_size, num_workers, seed, world, rank, progress.epoch,
-                                  progress.batch_in_epoch):
-            empty = False
-            progress.batch_in_epoch += 1
-            yield batch
-            if progress.step >= steps:
-                return
-        if empty and progress.batch_in_epoch == 0:  # would loop forever (check_batch says why first)
-            raise SystemExit(f"{len(dataset)} items make no batch of {batch_size} on each of {world} processes")
+    per_epoch = len(dataset) // world // batch_size
+    if per_epoch == 0:   # would loop forever (check_batch says why first)
+        raise SystemExit(f"{len(dataset)} items make no batch of {batch_size} on each of {world} processes")
+    if progress.batch_in_epoch >= per_epoch:   # saved during an epoch's last step
         progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+    if progress.step >= steps:
+        return
+    sampler = EpochSampler(len(dataset), batch_size, seed, world, rank, progress.epoch, progress.batch_in_epoch)
+    loader = DataLoader(EpochItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                        generator=torch.Generator().manual_seed(seed + progress.epoch))
+    for batch in loader:
+        if progress.batch_in_epoch == per_epoch:
+            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        progress.batch_in_epoch += 1
+        yield batch
+        if progress.step >= steps:
+            return
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, index) keys for `EpochItems`, epoch after epoch from (epoch, skip_batches) on, without end. Each
+    epoch is a seeded DistributedSampler order cut to whole batches, so the same epoch is the same data however
+    the run is resumed, and no batch spans two epochs."""
+
+    def __init__(self, n, batch_size, seed, world, rank, epoch, skip_batches):
+        self.n, self.batch_size, self.seed, self.world, self.rank = n, batch_size, seed, world, rank
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __iter__(self):
+        epoch, skip = self.epoch, self.skip
+        while True:
+            order = DistributedSampler(range(self.n), num_replicas=self.world, rank=self.rank, shuffle=True,
+                                       seed=self.seed, drop_last=True)
+            order.set_epoch(epoch)
+            indices = list(order)
+            usable = len(indices) - len(indices) % self.batch_size
+            yield from ((epoch, i) for i in indices[skip * self.batch_size:usable])
+            epoch, skip = epoch + 1, 0
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """A dataset read with (epoch, index) keys. A video folder draws its random clip starts per epoch, so the
+    folder (in each worker, its own copy) is moved to an item's epoch before the item is read."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.folder = dataset.dataset if isinstance(dataset, Subset) else dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if hasattr(self.folder, "set_epoch") and self.folder.epoch != epoch:
+            self.folder.set_epoch(epoch)
+        return self.dataset[i]
 
 
 def optimizer_step(opt, params, loss, lr, grad_clip):
@@ -282,24 +328,6 @@ class RunLog:
         self.write({"step": step, "final": True, "rank_weight_checksums": gather(weight_checksum(model), world)})
         if self.file:
             self.file.close()
-
-
-def epoch_loader(dataset, batch_size, num_workers, seed, world, rank, epoch, skip_batches):
-    """The loader for one epoch, starting after `skip_batches` batches (resuming mid-epoch).
-
-    The order comes from a seeded DistributedSampler, so the same epoch is the same data however it
-    is resumed. The loader gets its own generator so that it never draws from the global random
-    state (which the training step uses).
-    """
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    if isinstance(dataset, Subset) and hasattr(dataset.dataset, "set_epoch"):
-        dataset.dataset.set_epoch(epoch)  # a video folder draws its clip starts per epoch
-    indices = list(sampler)
-    usable = len(indices) - len(indices) % batch_size
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices[skip_batches * batch_size:usable],
-                      num_workers=num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed + epoch))
 
 
 ################################################################################

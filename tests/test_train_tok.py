@@ -123,3 +123,29 @@ def test_cache_is_built_once_trained_from_and_refused_for_other_settings(videos,
     with pytest.raises(SystemExit, match="cache .* was built with other settings.*'size': \\(16, 32\\)"):
         train_tok.main(["--data", str(videos), "--run-dir", str(tmp_path / "c"), *FAST, "--size", "32",
                         "--steps", "1", "--cache", str(cache)])
+
+
+def test_training_batches_are_the_same_with_workers_and_when_resumed(videos):
+    """One loader for the whole run (workers kept across epochs): the batches equal those of the main process,
+    epoch after epoch (each epoch's random clip starts included), and a run resumed at any step, an epoch's
+    last one included, continues with the same batches."""
+    from data import VideoFolder
+    from trainer import Progress, batches
+
+    folder = VideoFolder(videos, frames=5, fps=4.0, size=16, train=True, index=False)   # 8 clips: 4 batches
+    def run(workers, progress, steps=10):
+        out = []
+        for batch in batches(folder, progress, steps, 2, workers, 0, 1, 0):
+            out.append((batch[0].clone(), (progress.epoch, progress.batch_in_epoch)))
+            progress.step += 1
+        return out
+
+    plain = run(0, Progress())
+    assert [where for _, where in plain[:6]] == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 1), (1, 2)]
+    assert not torch.equal(plain[0][0], plain[4][0])   # epoch 1 draws other clips
+    with_workers = run(2, Progress())
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(plain, with_workers))
+    for stop in (3, 4, 6):   # resumed from the progress a checkpoint taken in step `stop` holds
+        step, (epoch, batch) = stop, plain[stop - 1][1]
+        resumed = run(0, Progress(step=step, epoch=epoch, batch_in_epoch=batch))
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(plain[stop:], resumed)) and len(resumed) == 10 - stop
