@@ -641,8 +641,8 @@ def bench_data(args: argparse.Namespace) -> None:
 
 def bench_epochs(args: argparse.Namespace) -> None:
     """Training batches over several epochs (`trainer.batches`, what train_tok.py iterates) from a VideoFolder of
-    short synthetic mp4s: the seconds to the first batch of every epoch (worker start-up and the first clips) and
-    per batch inside the epochs. Loading runs on the CPU whatever the device."""
+    short synthetic mp4s, with a training step simulated by a sleep: how long the loop waits for the first batch
+    of every epoch and for the others, and the seconds per epoch. Loading runs on the CPU whatever the device."""
     import os
     import tempfile
 
@@ -657,16 +657,19 @@ def bench_epochs(args: argparse.Namespace) -> None:
             progress = Progress()
             first, inside = [], []
             last = time.perf_counter()
+            start = last = time.perf_counter()
             for batch in batches(dataset, progress, per_epoch * args.epochs, args.batch_size, workers, 0, 1, 0):
-                now = time.perf_counter()
-                (first if progress.batch_in_epoch == 1 else inside).append(now - last)
+                (first if progress.batch_in_epoch == 1 else inside).append(time.perf_counter() - last)
+                time.sleep(args.step_seconds)   # the training step, during which the workers load ahead
                 progress.step += 1
                 last = time.perf_counter()
+            total = time.perf_counter() - start
             row("training batches over epochs (trainer.batches)",
                 f"{len(dataset)} videos, {args.frames}x{args.size}x{args.size} clips, batch {args.batch_size}, "
                 f"{workers} workers, {args.epochs} epochs", f"cpu ({os.cpu_count()} cores)", torch.float32,
                 first, f"first batch of an epoch {statistics.median(first):.3f} s, other batches "
-                f"{statistics.median(inside):.3f} s")
+                f"{statistics.median(inside):.3f} s (waits for data); {total / args.epochs:.3f} s per epoch with a "
+                f"{args.step_seconds:g} s step")
 
 
 def _epochs_options(parser: argparse.ArgumentParser) -> None:
@@ -676,6 +679,7 @@ def _epochs_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    parser.add_argument("--step-seconds", type=float, default=0.05, help="the simulated training step")
 
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
