@@ -236,9 +236,10 @@ def decode_pieces(tok, vae, ids, chunks, progressive=False, chunk_budgets=None, 
                 piece, skip = piece[:, :, skip:], max(skip - piece.shape[2], 0)
                 if piece.shape[2]:
                     yield piece
-            # The overlap frame is re-encoded as decoded, unclamped (as the official chunk wrapper does; a
-            # clamp changes the condition wherever the decoder overshoots [-1, 1]).
-            prefix = vae.encode(last, check_range=False)
+            if c < len(starts):
+                # The overlap frame is re-encoded as decoded, unclamped (as the official chunk wrapper does; a
+                # clamp changes the condition wherever the decoder overshoots [-1, 1]).
+                prefix = vae.encode(last, check_range=False)
 
 
 @contextmanager
