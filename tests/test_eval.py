@@ -168,6 +168,7 @@ def test_adherence_command_line_on_sample_named_files(synthetic, tmp_path, capsy
     out = capsys.readouterr().out
     assert scores["n"] == 12 and scores["color"] == scores["motion"] == 1.0 and scores["class"] >= 0.9
     assert "skipped: sample-99-class3.mp4" in out and "adherence over 12 videos" in out
+    assert "shape measures by requested shape" in out and "fill ratio" in out
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="names a class"):
         ev.main(["adherence", str(tmp_path / "empty")])
