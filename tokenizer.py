@@ -10,6 +10,10 @@ that keeps the semantics and motion, more tokens add detail.
     latents = tok.decode(ids[..., :32], steps=25)  # decode from the first 32 tokens of every frame
     ids = tok.tokenize(video, vae); video = tok.detokenize(ids, vae)  # through a VAE
     tok = VideoFlexTok.from_pretrained("model.safetensors")  # the official release (official.py), or ours
+    for latent in tok.decode_frames(ids, steps=25): ...  # progressive: one latent frame at a time
+    ids, table = budget_psnr(tok, vae, video)             # adaptive budgets: PSNR of every clip at every k,
+    k = choose_budgets(table, token_budgets(256), target_psnr=30)   # the fewest tokens reaching 30 dB
+    video = tok.detokenize(ids, vae, budget=k)
 
 Presets: `tiny` (CPU tests and demo, on pixels), `d12-d12` (the paper's ablation size),
 `d18-d18` (Kinetics-600, 17x128x128, patch 1), `d18-d28` (256x256, patch 2). Widths follow the
