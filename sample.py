@@ -3,8 +3,8 @@ reconstructions of a real video from 1, 2, 4, ..., K tokens per frame.
 
 Paper: §3.3 and §4.3 (AR generation over coarse-to-fine tokens, any token budget), §3.4 and
 Appendix F.1 (decoding conditioned on clean frames, long videos), Appendix C.3 (time-first order),
-Figures 2 and 13-16 (reconstructions per token budget). Official release (reference notes §11.8):
-chunked tokenization and decoding of long videos, and the sampler settings (guidance 25 with APG).
+Figures 2 and 13-16 (reconstructions per token budget). Official release (apple/ml-videoflextok, its chunk
+wrapper): chunked tokenization and decoding of long videos, and the sampler settings (guidance 25 with APG).
 
     python sample.py --ar-ckpt runs/ar/ckpt-0002000.pt --prompt "a red circle moving left" --tokens-per-frame 32
     python sample.py --ar-ckpt runs/ar/ckpt-0002000.pt --class 3 --frames 81 --num-samples 2
