@@ -15,7 +15,7 @@ from vae import PixelVAE, VidTokVAE
 
 TINY = dict(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16)
 
-# The official 16-channel checkpoint vidtok_kl_causal_488_16chn.ckpt (416 keys, as read from the file): sha256 of the sorted lines
+# The key layout of the official 16-channel checkpoint vidtok_kl_causal_488_16chn.ckpt (416 keys): sha256 of the sorted lines
 # "<key> [<shape>]", and the parameter counts of the encoder and decoder.
 OFFICIAL_KEYS_SHA256 = "28347ed91cdca23c78b32a7423d51c39f7239a0680058d2c399145d3e76be319"
 OFFICIAL_PARAMS = {"encoder": 69_589_922, "decoder": 88_359_429}
