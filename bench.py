@@ -656,7 +656,6 @@ def bench_epochs(args: argparse.Namespace) -> None:
         for workers in args.workers:
             progress = Progress()
             first, inside = [], []
-            last = time.perf_counter()
             start = last = time.perf_counter()
             for batch in batches(dataset, progress, per_epoch * args.epochs, args.batch_size, workers, 0, 1, 0):
                 (first if progress.batch_in_epoch == 1 else inside).append(time.perf_counter() - last)

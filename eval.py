@@ -250,8 +250,8 @@ def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps: int = 25
     budgets = list(budgets or token_budgets(tokenizer.cfg.registers))
     if not all(1 <= k <= tokenizer.cfg.registers for k in budgets):
         raise ValueError(f"budgets must lie in [1, {tokenizer.cfg.registers}] (the tokenizer's K); got {budgets}")
-    sq_err = {k: 0.0 for k in budgets}   # summed per-pixel squared error, so batches of any size weigh fairly
-    frame_err = {k: 0.0 for k in budgets}   # the same per video frame
+    # Summed per-pixel squared error per video frame, so that batches of any size weigh fairly.
+    frame_err = {k: 0.0 for k in budgets}
     real, fake = FeatureStats(), {k: FeatureStats() for k in budgets}
     scores = {k: [] for k in budgets}
     pixels = seen = 0
@@ -263,7 +263,6 @@ def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps: int = 25
         for k in budgets:
             recon = vae.decode(tokenizer.decode(ids[..., :k], steps=steps, generator=generator,
                                                 size=latents.shape[-2:]))
-            sq_err[k] += mse(recon, batch) * batch.numel()
             frame_err[k] = frame_err[k] + (recon.clamp(-1, 1) - batch.clamp(-1, 1)).float().pow(2).sum((0, 1, 3, 4))
             if i3d is not None:
                 video_stats(recon, i3d, batch_size=batch_size, stats=fake[k])
@@ -274,7 +273,7 @@ def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps: int = 25
     if not pixels:
         raise ValueError("no videos to evaluate")
     per_frame = pixels / batch.shape[2]
-    out = {k: {"psnr": float(10 * np.log10(4 / (sq_err[k] / pixels))),
+    out = {k: {"psnr": float(10 * np.log10(4 / (float(frame_err[k].sum()) / pixels))),
                "psnr_by_frame": [float(10 * np.log10(4 / max(e / per_frame, 1e-10))) for e in frame_err[k].tolist()],
                "rfvd": frechet_distance_from_stats(real, fake[k]) if i3d is not None else None} for k in budgets}
     for k in budgets if names is not None else ():

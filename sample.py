@@ -218,6 +218,7 @@ def decode_pieces(tok, vae, ids, chunks, progressive=False, chunk_budgets=None, 
     k, n = ids.shape[2], chunks.latents - 1
     starts = list(range(chunks.latents, ids.shape[1], n))
     prefix = None
+    frame_kwargs = {key: value for key, value in decode_kwargs.items() if key != "apg"}   # decode_frames has no APG
     with flow_progress(tok, (1 + len(starts)) * decode_kwargs.get("steps", 25)):
         for c, start in enumerate(tqdm([0, *starts], desc="decoding chunks", leave=False, disable=not starts)):
             k = k if chunk_budgets is None else int(chunk_budgets[c])
@@ -226,8 +227,8 @@ def decode_pieces(tok, vae, ids, chunks, progressive=False, chunk_budgets=None, 
             else:
                 chunk = torch.cat([tok.encode(prefix)[..., :k], ids[:, start:start + n, :k]], 1)
             if progressive:
-                kwargs = {key: value for key, value in decode_kwargs.items() if key != "apg"}
-                pieces = vae.decode_stream(tok.decode_frames(chunk, prefix_latents=prefix, **kwargs), chunk.shape[1])
+                pieces = vae.decode_stream(tok.decode_frames(chunk, prefix_latents=prefix, **frame_kwargs),
+                                           chunk.shape[1])
             else:
                 pieces = [tok.detokenize(chunk, vae, prefix_latents=prefix, **decode_kwargs)]
             skip = 0 if prefix is None else 1   # a later chunk's first frame re-decodes the overlap frame

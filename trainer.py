@@ -208,6 +208,7 @@ def batches(dataset, progress, steps, batch_size, num_workers, seed, world, rank
     if progress.step >= steps:
         return
     sampler = EpochSampler(len(dataset), batch_size, seed, world, rank, progress.epoch, progress.batch_in_epoch)
+    # The loader's own generator: it never draws from the global random state, which the training step uses.
     loader = DataLoader(EpochItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
                         generator=torch.Generator().manual_seed(seed + progress.epoch))

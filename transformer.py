@@ -120,7 +120,8 @@ def attention_mask(kind, layout, device, backend):
 @functools.lru_cache(maxsize=64)
 def last_block_mask(kind, layout, device):
     """The rows of the last frame block of `layout` in its dense mask, (L, S): what that frame's tokens may see when
-    the frames before it are cached keys and values (FrameCache). None for "full", which a cache cannot serve."""
+    the frames before it are cached keys and values (FrameCache). "full" is refused: no frame can run before the
+    later ones there."""
     if kind == "full":
         raise ValueError("a full-attention transformer cannot run frame by frame: every frame sees the later ones")
     idx = torch.arange(layout.length, device=torch.device(device))
@@ -288,16 +289,11 @@ class Transformer(nn.Module):
 class FrameCache:
     """The keys and values of the frame blocks a Transformer has run so far, one dict per block: with a
     time-causal mask a new frame block attends only to them and to itself, so running the frames one at a time
-    gives what the whole sequence gives (streaming tokenization). Its memory grows with the frames it holds;
-    `clear` starts again (a new chunk)."""
+    gives what the whole sequence gives (streaming tokenization). Its memory grows with the frames it holds, so
+    a new chunk starts with a new cache."""
 
     def __init__(self, depth):
         self.layers = [{} for _ in range(depth)]
-        self.frames = 0
-
-    def clear(self):
-        for layer in self.layers:
-            layer.clear()
         self.frames = 0
 
 

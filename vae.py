@@ -428,14 +428,14 @@ class _EncodeStream:
     """VidTokVAE's causal encoder fed as frames arrive: latent 0 from frame 0 alone (behind three copies of it),
     then one latent per `temporal_factor` frames, `per_call` latents per encoder call (None: all that are there)."""
 
-    def __init__(self, vae, per_call: int | None, check_range: bool):
-        self.vae, self.per_call, self.check_range = vae, per_call, check_range
+    def __init__(self, vae, per_call: int | None):
+        self.vae, self.per_call = vae, per_call
         self.stream = _Stream(vae.version)
         self.pending = None   # frames received and not yet encoded, channels-last (B, n, H, W, 3)
 
     def push(self, frames: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, n, H, W) more frames -> the moments (B, m, h, w, 32) of the latents they complete, per call."""
-        _check_video(frames, 1, self.vae.spatial_factor, self.check_range)
+        """(B, 3, n, H, W) more frames, checked by the caller -> the moments (B, m, h, w, 32) of the latents they
+        complete, one tensor per encoder call."""
         x = frames.permute(0, 2, 3, 4, 1)
         f, out = self.vae.temporal_factor, []
         if self.pending is None:   # the stream's first frame
@@ -577,7 +577,7 @@ class VidTokVAE(nn.Module):
         """(B, 3, 4k+1, H, W) in [-1, 1] -> (B, 16, k+1, H/8, W/8): the posterior mean, or a sample if `sample`.
         check_range=False takes values outside [-1, 1]: a decoded frame re-encoded as it is (sample.decode_long)."""
         _check_video(video, self.temporal_factor, self.spatial_factor, check_range)
-        stream = _EncodeStream(self, self.chunk_latents, check_range)
+        stream = _EncodeStream(self, self.chunk_latents)
         moments = stream.push(video) + stream.close()
         mean, logvar = torch.cat(moments, dim=1).chunk(2, dim=-1)
         if sample:
@@ -592,8 +592,9 @@ class VidTokVAE(nn.Module):
         frame 0, latent j after frame 4j). The temporal layers carry their state from call to call, so the latents
         equal `encode` of the whole up to float rounding. A stream that ends inside a latent's 4 frames is refused
         at the end, after every complete latent was yielded."""
-        stream = _EncodeStream(self, 1, check_range)
+        stream = _EncodeStream(self, 1)
         for group in checked_frame_stream(frames):
+            _check_video(group, 1, self.spatial_factor, check_range)   # any number of frames per group
             for moments in stream.push(group):
                 yield moments.chunk(2, dim=-1)[0].permute(0, 4, 1, 2, 3).contiguous()
         stream.close()
@@ -823,7 +824,7 @@ def main(argv=None) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    from trainer import at_least, check_args, pick_device, positive
+    from trainer import at_least, check_args, pick_device, positive   # here: trainer imports this module
     check_args(args, {"frames": (positive, ">= 1"), "fps": (positive, "> 0"), "steps": (positive, ">= 1"),
                       "batch_size": (positive, ">= 1"), "lr": (positive, "> 0"), "seed": (at_least(0), ">= 0"),
                       "size": (lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4")}, p.prog)
