@@ -1,9 +1,9 @@
 """The autoregressive (AR) model that generates VideoFlexTok tokens, sampled with any token budget.
 
 Paper: §3.3, §4.1 ("AR model training"), §4.3, Appendix C.3 (generation order) and F.2 (sizes).
-References (facts, not code): LlamaGen (Sun et al., 2024; FoundationVision/LlamaGen gpt.py and
-generate.py) for the LLaMA-style trunk, class conditioning, zero-initialised head, logit-space CFG
-and the sampling filters; gpt-fast (pytorch-labs) for the static per-layer KV cache; Infinity
+References (facts, not code): LlamaGen (Sun et al., 2024; FoundationVision/LlamaGen gpt.py) for
+the LLaMA-style trunk, class conditioning and zero-initialised head; gpt-fast (pytorch-labs) for the
+per-layer KV cache of fixed size; Infinity
 (FoundationVision) for the cross-attention block; Kondratyuk et al. 2023 (VideoPoet) for text
 cross-attention in a video AR model.
 
@@ -40,10 +40,8 @@ Conditioning.
   trainable byte-level encoder (`ByteTextEncoder`, text="bytes") for runs without T5 weights; both
   give (features, mask). The unconditional text is one learned null feature vector (dropout 0.1).
 
-Sampling (`ARModel.generate`): static KV cache per layer (prefill of [SOS], then one token per
-step), temperature (0 = greedy), top-k, top-p, classifier-free guidance on the logits with the
-conditional and unconditional halves in one doubled batch, a `torch.Generator` for reproducibility.
-Returns ids (B, T', k) ready for `VideoFlexTok.decode`.
+Sampling lives in generate.py (a fixed-size KV cache, one decode step, compiled or eager); this
+file gives it `trunk` (the blocks over any positions, with or without `KVCache`s) and `condition`.
 
 Presets (`ARConfig.preset`). Parameters measured on the meta device (checked in tests/test_ar.py).
 "trunk" is the blocks' self-attention and SwiGLU only; "c2v" is the whole model with 600 classes;
@@ -157,19 +155,28 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-class KVCache:
-    """One layer's static cache (gpt-fast style): keys and values for up to `length` positions,
-    written in place, plus the cross-attention keys and values of the text, computed once."""
+class KVCache(nn.Module):
+    """One layer's cache of fixed size (gpt-fast): keys and values for every position of the longest
+    sequence, written in place at the positions of each call, so that every decode step has the same
+    shapes; and the cross-attention keys, values and mask of the text, written once per generation."""
 
-    def __init__(self, batch, heads, length, dtype, device):
-        self.k = torch.zeros(batch, heads, length, HEAD_DIM, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.context = None
+    def __init__(self, batch, heads, length, text_len, dtype, device):
+        super().__init__()
+        shape = (batch, heads, length, HEAD_DIM)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        if text_len:
+            shape = (batch, heads, text_len, HEAD_DIM)
+            self.register_buffer("text_k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer("text_v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer("text_mask", torch.zeros(batch, 1, 1, text_len, dtype=torch.bool, device=device),
+                                 persistent=False)
 
-    def update(self, start, k, v):
-        end = start + k.shape[2]
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, n, k, v):
+        """Write keys and values (B, H, S, HEAD_DIM) at positions n (S,); -> the whole cache."""
+        self.k.index_copy_(2, n, k)
+        self.v.index_copy_(2, n, v)
+        return self.k, self.v
 
 
 def split_heads(x):
@@ -186,21 +193,18 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.dropout = dropout
 
-    def forward(self, x, rope, start=0, cache=None):
-        S = x.shape[1]
+    def forward(self, x, rope, cache=None, n=None):
+        """x (B, S, D). Without a cache: a fresh causal sequence. With one: x sits at positions n (S,),
+        its keys and values go into the cache, and query i sees the cached keys at positions <= n[i]
+        (later slots hold stale entries of an earlier generation, or zeros: masked out)."""
         q, k, v = (split_heads(t) for t in self.wqkv(x).chunk(3, dim=-1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask = None
         if cache is not None:
-            k, v = cache.update(start, k, v)
-        # Query i sits at position start + i and sees keys 0..start + i. One query (a decode
-        # step) sees the whole cache and needs no mask; a fresh sequence is plain causal.
-        mask, causal = None, False
-        if S > 1 and start == 0:
-            causal = True
-        elif S > 1:
-            mask = torch.arange(start + S, device=x.device) <= torch.arange(start, start + S, device=x.device)[:, None]
+            k, v = cache.update(n, k, v)
+            mask = torch.arange(k.shape[2], device=x.device) <= n[:, None]
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None, dropout_p=p)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
@@ -238,12 +242,11 @@ class ARBlock(nn.Module):
         self.mlp = SwiGLU(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, rope, start=0, cache=None, text=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, start, cache))
+    def forward(self, x, rope, text=None, cache=None, n=None):
+        """text: (projected features, mask) of the condition; with a cache, its stored keys and values."""
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, n))
         if self.cross is not None:
-            context = cache.context if cache is not None and cache.context is not None else self.cross.context(*text)
-            if cache is not None:
-                cache.context = context
+            context = self.cross.context(*text) if cache is None else (cache.text_k, cache.text_v, cache.text_mask)
             x = x + self.drop(self.cross(self.cross_norm(x), context))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -318,12 +321,12 @@ class ARModel(nn.Module):
 
         In training mode the class / text is dropped to the null condition with prob. class_dropout.
         """
-        frames = self._check_frames(frames)
+        frames = self.check_frames(frames)
         n_max = frames * self.cfg.tokens_per_frame - 1
         if not torch.is_tensor(seq) or seq.dim() != 2 or seq.dtype.is_floating_point or seq.shape[1] > n_max:
             raise ValueError(f"seq must be an integer tensor (B, n) with n <= {n_max} (frames x K - 1); "
                              f"got {getattr(seq, 'shape', seq)!r:.80}")
-        return self.head(self._hidden(seq, frames, *self._condition(seq.shape[0], cls, text, text_mask))).float()
+        return self.head(self._hidden(seq, frames, *self.condition(seq.shape[0], cls, text, text_mask))).float()
 
     def loss(self, ids, cls=None, text=None, text_mask=None):
         """Cross-entropy of ids (B, T', k) (any k <= K: train on the first k tokens of every frame)."""
@@ -344,61 +347,6 @@ class ARModel(nn.Module):
             return t5.encode_text(prompts, max_length=self.cfg.max_text_len, padding="longest")
         raise ValueError("this model has no text conditioning (ARConfig.text='none')")
 
-    ############################################################################
-    # Sampling
-
-    def generate(self, cls=None, text=None, text_mask=None, frames=None, tokens_per_frame=None, **sampling):
-        """Sample ids (B, frames, tokens_per_frame): the first tokens_per_frame tokens of every frame.
-
-        cls (B,) and/or text (B, L, text_dim) + text_mask (B, L) as the model was built for;
-        frames defaults to max_frames, tokens_per_frame to K. `sampling`: the keyword arguments of
-        `stream` (batch, temperature, top_k, top_p, cfg_scale, generator, use_cache).
-        """
-        for seq in self.stream(cls, text, text_mask, frames, tokens_per_frame, **sampling):
-            pass
-        return from_sequence(seq, self._check_frames(frames))
-
-    @torch.no_grad()
-    def stream(self, cls=None, text=None, text_mask=None, frames=None, tokens_per_frame=None, batch=None,
-               temperature=1.0, top_k=None, top_p=None, cfg_scale=None, generator=None, use_cache=True):
-        """The sampling loop of `generate`, one token at a time: yields the time-first sequence so far
-        (B, n) after each of the frames * tokens_per_frame steps (for streaming and per-token timing;
-        a view into the output buffer).
-
-        batch: the batch size of an unconditional model. temperature 0 is greedy; top_k keeps the k
-        most likely tokens, top_p the smallest set holding probability top_p. cfg_scale None: the
-        conditional branch only; a float s: the unconditional branch runs in the same (doubled)
-        batch and logits = c + (s - 1)(c - u), which is u + s(c - u) and exactly c at s = 1.
-        use_cache False recomputes the whole prefix for every token (for tests and benchmarks).
-        """
-        if self.training:
-            raise ValueError("sampling needs model.eval(): in training mode dropout and condition dropout act")
-        frames = self._check_frames(frames)
-        k = self._check_budget(tokens_per_frame)
-        B = self._batch_size(cls, text, batch)
-        _check_sampling(temperature, top_k, top_p, cfg_scale, self.cfg.vocab)
-        cond = self._condition(B, cls, text, text_mask)
-        rep = 1
-        if cfg_scale is not None:
-            if self.class_emb is None and self.cfg.text == "none":
-                raise ValueError("cfg_scale needs a class- or text-conditioned model; this one has neither")
-            cond, rep = _stack(cond, self._condition(B, *self._null_inputs(B, text), null=True)), 2
-        n_total = frames * k
-        out = torch.empty(B, n_total, dtype=torch.long, device=self.sos.device)
-        caches = [KVCache(rep * B, self.cfg.depth, n_total, self.sos.dtype, self.sos.device)
-                  for _ in self.blocks] if use_cache else None
-        for n in range(n_total):
-            if use_cache:  # the new position only: [SOS] first, then the token just sampled
-                h = self._hidden(out[:, max(n - 1, 0):n].repeat(rep, 1), frames, *cond, start=n, caches=caches)
-            else:
-                h = self._hidden(out[:, :n].repeat(rep, 1), frames, *cond)
-            logits = self.head(h[:, -1]).float()
-            if cfg_scale is not None:
-                c, u = logits.chunk(2)
-                logits = c + (cfg_scale - 1) * (c - u)
-            out[:, n] = sample_logits(logits, temperature, top_k, top_p, generator)
-            yield out[:, :n + 1]
-
     def check_vocabulary(self, codebook_size):
         """Refuse a tokenizer whose codebook is not the one this model's vocabulary was trained on."""
         if codebook_size != self.cfg.vocab:
@@ -416,34 +364,35 @@ class ARModel(nn.Module):
     ############################################################################
     # Internals
 
-    def _hidden(self, seq, frames, sos, text, start=0, caches=None):
-        """Final hidden states for sequence positions start..start + len - 1.
+    def _hidden(self, seq, frames, sos, text):
+        """Final hidden states (B, n + 1, D) of the input [SOS, seq] (seq (B, n)), at positions 0..n."""
+        x = torch.cat([sos[:, None].to(self.tok_emb.weight.dtype), self.tok_emb(seq)], dim=1)
+        return self.trunk(x, torch.arange(x.shape[1], device=x.device), frames, text)
 
-        seq holds the tokens that are inputs at those positions; at start = 0 the [SOS] vector is
-        prepended, so seq (B, n) gives n + 1 positions there, and n positions otherwise.
+    def trunk(self, x, n, frames, text=None, caches=None):
+        """Input vectors x (B, S, D) at sequence positions n (S,) -> final hidden states (B, S, D).
+
+        Without caches x is a whole sequence from position 0 (causal attention); with one `KVCache`
+        per block, positions n of a longer one (generate.py), the text read from the caches.
         """
-        x = self.tok_emb(seq)
-        if start == 0:
-            x = torch.cat([sos[:, None].to(x.dtype), x], dim=1)
         # Position n predicts token n // frames of frame n % frames: index the two axes directly
         # (the same sum as the module's (K, frames) grid flattened in time-first order).
-        n = torch.arange(start, start + x.shape[1], device=x.device)
         x = x + self.pos.axes[0][n // frames] + self.pos.axes[1][n % frames]
         rope = rope_tables(n)  # RoPE over the same flat index ([SOS] = 0)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, start, caches[i] if caches else None, text)
+            x = block(x, rope, text, caches[i] if caches is not None else None, n)
         return self.norm(x)
 
-    def _condition(self, B, cls, text, text_mask, null=False):
+    def condition(self, B, cls, text, text_mask, null=False):
         """-> ([SOS] vectors (B, D), (projected text (B, L, D), mask) or None), with training dropout.
 
-        null=True: the inputs are the unconditional ones from `_null_inputs` and are not checked.
+        null=True: the inputs are the unconditional ones from `null_inputs` and are not checked.
         """
         if not null:
             cls, text, text_mask = self._check_condition(B, cls, text, text_mask)
         if self.training and self.cfg.class_dropout > 0:
             drop = torch.rand(B, device=self.sos.device) < self.cfg.class_dropout
-            null_cls, null_text, null_mask = self._null_inputs(B, text)
+            null_cls, null_text, null_mask = self.null_inputs(B, text)
             if cls is not None:
                 cls = torch.where(drop, null_cls, cls)
             if text is not None:
@@ -454,7 +403,7 @@ class ARModel(nn.Module):
             sos = sos + self.class_emb(cls)
         return sos, None if text is None else (self.text_proj(text), text_mask)
 
-    def _null_inputs(self, B, text):
+    def null_inputs(self, B, text):
         """(cls, text, text_mask) of the unconditional branch: the null class, the null text padded to L."""
         cls = torch.full((B,), self.cfg.num_classes, device=self.sos.device) if self.class_emb is not None else None
         if self.cfg.text == "none":
@@ -469,13 +418,13 @@ class ARModel(nn.Module):
     ############################################################################
     # Input checks: every error names the argument and what is allowed.
 
-    def _check_frames(self, frames):
+    def check_frames(self, frames):
         frames = self.cfg.max_frames if frames is None else frames
         if not 1 <= frames <= self.cfg.max_frames:
             raise ValueError(f"frames={frames}: this model was trained for 1 to {self.cfg.max_frames} latent frames")
         return frames
 
-    def _check_budget(self, k):
+    def check_budget(self, k):
         K = self.cfg.tokens_per_frame
         k = K if k is None else k
         if not 1 <= k <= K:
@@ -485,8 +434,8 @@ class ARModel(nn.Module):
     def _check_ids(self, ids):
         if not torch.is_tensor(ids) or ids.dim() != 3 or ids.dtype.is_floating_point:
             raise ValueError(f"ids must be an integer tensor (B, T', k); got {getattr(ids, 'shape', ids)!r}")
-        self._check_frames(ids.shape[1])
-        self._check_budget(ids.shape[2])
+        self.check_frames(ids.shape[1])
+        self.check_budget(ids.shape[2])
         if ids.min() < 0 or ids.max() >= self.cfg.vocab:
             raise ValueError(f"ids must be in [0, {self.cfg.vocab}); got [{ids.min().item()}, {ids.max().item()}]")
 
@@ -518,52 +467,8 @@ class ARModel(nn.Module):
             raise ValueError("text_mask has a row without any valid position; every prompt needs >= 1 token")
         return text.to(self.null_text.dtype), text_mask
 
-    def _batch_size(self, cls, text, batch):
-        for x in (cls, text):
-            if torch.is_tensor(x):
-                return x.shape[0]
-        if batch is None or batch < 1:
-            raise ValueError(f"batch must be >= 1 for an unconditional model; got {batch}")
-        return batch
-
-
-def _stack(cond, null):
-    """Concatenate the conditional and unconditional inputs into one doubled batch."""
-    (sos, text), (null_sos, null_text) = cond, null
-    if text is not None:
-        text = tuple(torch.cat(pair) for pair in zip(text, null_text))
-    return torch.cat([sos, null_sos]), text
-
 
 def _init_weights(m):
     """N(0, 0.02) for Linear and Embedding weights (LlamaGen); zero-initialised layers stay zero."""
     if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "zero_init", False):
         nn.init.normal_(m.weight, std=0.02)
-
-
-def _check_sampling(temperature, top_k, top_p, cfg_scale, vocab):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
-    if top_k is not None and not 1 <= top_k <= vocab:
-        raise ValueError(f"top_k must be None or in [1, {vocab}]; got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be None or in (0, 1]; got {top_p}")
-    if cfg_scale is not None and cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be None (no guidance) or >= 0; got {cfg_scale}")
-
-
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row of logits (B, V): greedy at temperature 0, else temperature, top-k, top-p, draw."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens before it already hold top_p: the most likely always stays.
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -698,15 +698,18 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
 # AR sampling
 
 def bench_ar(args: argparse.Namespace) -> None:
-    """AR sampling (ar.py): tokens/s with the KV cache for each batch size and sequence length, the time per token
-    early and late in the 1280-token sequence, and, at batch 1, full recomputation without the cache.
+    """AR sampling (generate.py): tokens/s for each batch size and sequence length, eager and with the decode step
+    compiled (CUDA graphs on CUDA), the time per token early and late in the 1280-token sequence, and, at batch 1,
+    full recomputation without the cache.
 
     Class-conditioned, 5 latent frames, vocabulary 64000, temperature 1; a sequence of n tokens is n / 5 tokens per
-    frame (160 = 32 per frame, 1280 = all 256). The time of each step comes from `ARModel.stream`, which yields
-    after every token (synchronised on CUDA); a span's figure is its median step time within one run. With the
-    cache every step processes one position, so the steps at 1121-1280 should cost what those at 1-160 cost;
-    without it every step re-runs the whole prefix (measured up to 320 tokens only: it grows with the position)."""
+    frame (160 = 32 per frame, 1280 = all 256). Each generation's cache holds its own n positions. The time of each
+    step comes from `Sampler.stream`, which yields after every token (synchronised on CUDA here); a span's figure
+    is its median step time within one run. Every step processes one position over a cache of fixed size, so the
+    steps at 1121-1280 should cost what those at 1-160 cost; without the cache every step re-runs the whole prefix
+    (measured up to 320 tokens only: it grows with the position). Warm-up runs include the compilation."""
     from ar import ARConfig, ARModel
+    from generate import Sampler
 
     device, dtype, reduced = setup(args)
     depth = args.depth or (2 if reduced else 28)
@@ -716,12 +719,12 @@ def bench_ar(args: argparse.Namespace) -> None:
         model = ARModel(cfg).to(dtype).eval()
     config = f"d{depth} (width {cfg.width}), vocab {cfg.vocab}, cfg {args.cfg_scale}"
 
-    def step_times(batch: int, tokens: int, cache: bool, steps: int | None = None) -> list[float]:
+    def step_times(sampler: Sampler, tokens: int, cache: bool = True, steps: int | None = None) -> list[float]:
         """Seconds of each of the first `steps` (default all) steps of one `tokens`-token generation."""
-        cls = torch.zeros(batch, dtype=torch.long, device=device)
+        cls = torch.zeros(sampler.batch, dtype=torch.long, device=device)
         stamps = [time.perf_counter()]
-        stream = model.stream(cls, tokens_per_frame=tokens // cfg.max_frames, use_cache=cache,
-                              cfg_scale=args.cfg_scale, generator=torch.Generator(device).manual_seed(0))
+        stream = sampler.stream(cls, tokens_per_frame=tokens // cfg.max_frames, use_cache=cache,
+                                cfg_scale=args.cfg_scale, generator=torch.Generator(device).manual_seed(0))
         for _ in zip(range(steps or tokens), stream):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -739,14 +742,21 @@ def bench_ar(args: argparse.Namespace) -> None:
 
     for batch in args.batch_sizes:
         for tokens in args.lengths:
-            runs = [step_times(batch, tokens, True) for _ in range(args.warmup + args.runs)][args.warmup:]
-            totals = [sum(steps) for steps in runs]
             here = f"{config}, B={batch}, {tokens} tokens"
-            row("AR sampling with KV cache", here, device_name(device), dtype, totals,
-                f"{batch * tokens / statistics.median(totals):.1f} tokens/s")
-            if tokens > 2 * 160:
-                spans("with KV cache", runs, here, [(1, 160), (tokens - 159, tokens)])
-    runs = [step_times(1, 1280, False, steps=320) for _ in range(args.warmup + args.runs)][args.warmup:]
+            medians = {}
+            for compiled in (False, True):
+                sampler = Sampler(model, batch, length=tokens, compile=compiled)
+                runs = [step_times(sampler, tokens) for _ in range(args.warmup + args.runs)][args.warmup:]
+                totals = [sum(steps) for steps in runs]
+                medians[compiled] = statistics.median(totals)
+                name = "compiled decode step" if compiled else "eager"
+                row(f"AR sampling with KV cache, {name}", here, device_name(device), dtype, totals,
+                    f"{batch * tokens / medians[compiled]:.1f} tokens/s"
+                    + (f", {medians[False] / medians[True]:.2f}x eager" if compiled else ""))
+                if tokens > 2 * 160:
+                    spans(f"with KV cache, {name}", runs, here, [(1, 160), (tokens - 159, tokens)])
+    sampler = Sampler(model, 1)
+    runs = [step_times(sampler, 1280, cache=False, steps=320) for _ in range(args.warmup + args.runs)][args.warmup:]
     here = f"{config}, B=1, first 320 of 1280 tokens"
     row("AR sampling, full recomputation", here, device_name(device), dtype, [sum(s[:160]) for s in runs],
         f"{160 / statistics.median([sum(s[:160]) for s in runs]):.1f} tokens/s over the first 160")

@@ -33,6 +33,7 @@ import torch
 from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
 from decoder import token_budgets
 from eval import adherence, batches_of, class_from_prompt, class_names, psnr, token_probe
+from generate import generate
 from sample import DEMO_ASSETS, load_ar
 from tokenizer import VideoFlexTok
 from trainer import last_checkpoint
@@ -84,7 +85,7 @@ class Bundle:
         else:
             text, mask = ar.encode_text([what] * n)
             kwargs = {"text": text, "text_mask": mask}
-        ids = ar.generate(**kwargs, tokens_per_frame=k, generator=gen, **AR_SAMPLING)
+        ids = generate(ar, **kwargs, tokens_per_frame=k, generator=gen, **AR_SAMPLING)
         return self.tok.detokenize(ids, self.vae, generator=gen, **DECODE).clamp(-1, 1)
 
     @torch.no_grad()

@@ -65,6 +65,7 @@ from checkpoint import build_checked, torch_load
 from data import BadVideo, from_uint8, load_clip, probe, start_frames, to_uint8, write_png_grid, write_video
 from decoder import APG, token_budgets
 from eval import psnr
+from generate import Sampler
 from tokenizer import VideoFlexTok, budget_psnr, choose_budgets
 from trainer import at_least, check_args, pick_device, positive
 from vae import VAE_KINDS, checked_frame_stream, load_vae
@@ -116,6 +117,9 @@ def parse_args(argv=None):
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the AR decode step (CUDA graphs on CUDA; default: on CUDA). "
+                          "Where compilation fails, one line says so and sampling runs eagerly")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", type=Path, default=Path("out/samples"))
@@ -258,13 +262,13 @@ def flow_progress(tok, total):
         bar.close()
 
 
-def generate_ids(ar, condition, n_chunks, latents, k, sampling):
+def generate_ids(sampler, condition, n_chunks, latents, k, sampling):
     """AR ids (B, 1 + (latents - 1) * (n_chunks - 1), k): each chunk sampled independently (see the
     module docstring), its first latent frame dropped after the first chunk."""
     parts = []
     with tqdm(total=n_chunks * latents * k, desc="AR tokens", leave=False) as bar:
         for i in range(n_chunks):
-            for seq in ar.stream(**condition, frames=latents, tokens_per_frame=k, **sampling):
+            for seq in sampler.stream(**condition, frames=latents, tokens_per_frame=k, **sampling):
                 bar.update(1)
             ids = from_sequence(seq, latents)
             parts.append(ids if i == 0 else ids[:, 1:])
@@ -443,7 +447,10 @@ def sample(args, ar, tok, vae, device, output, k, chunks, n_chunks, condition, l
     gen = torch.Generator(device).manual_seed(args.seed)
     cfg = args.cfg if args.cfg != 1 and "batch" not in condition else None
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=cfg, generator=gen)
-    ids = generate_ids(ar, condition, n_chunks, min(chunks.latents, chunks.latent_frames(args.frames)), k, sampling)
+    latents = min(chunks.latents, chunks.latent_frames(args.frames))
+    compile = device.type == "cuda" if args.compile is None else args.compile
+    sampler = Sampler(ar, len(labels), length=latents * k, compile=compile)
+    ids = generate_ids(sampler, condition, n_chunks, latents, k, sampling)
     names = [f"sample-{i:02d}-{slug(label)}" for i, label in enumerate(labels)]
     if args.progressive:
         pieces = decode_pieces(tok, vae, ids, chunks, progressive=True, **decode_settings(args, vae, gen))

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ar import ARConfig, ARModel
 from data import BadVideo, VideoFolder, synthetic_data, to_uint8, write_video
+from generate import Sampler
 from tokenizer import VideoFlexTok
 from trainer import (COMMON_RULES, NonFiniteGuard, Progress, RunLog, Shards, add_common_args, at_least, batches,
                      build_shards, check_args, check_batch, in_range, lr_at, make_ema, make_optimizer,
@@ -150,9 +151,10 @@ def build_config(args, meta, data):
 
 
 @torch.no_grad()
-def write_samples(model, tok, vae, classes, captions, args, step, device):
-    """Sample a few videos (by class, or from training captions), decode them, write mp4s."""
-    n = args.num_samples
+def write_samples(sampler, tok, vae, classes, captions, args, step, device):
+    """Sample a few videos (by class, or from training captions) with a generate.Sampler of the
+    model (made once per run, so a compiled decode step compiles once), decode them, write mp4s."""
+    model, n = sampler.model, args.num_samples
     gen = torch.Generator(device).manual_seed(args.seed)
     if model.cfg.num_classes:
         cls = torch.arange(n, device=device) % model.cfg.num_classes
@@ -164,7 +166,7 @@ def write_samples(model, tok, vae, classes, captions, args, step, device):
             return
         names, kwargs = prompts, {"text": text, "text_mask": mask}
     model.eval()
-    ids = model.generate(**kwargs, cfg_scale=args.cfg_scale, generator=gen)
+    ids = sampler.generate(**kwargs, cfg_scale=args.cfg_scale, generator=gen)
     model.train()
     latents = tok.decode(ids.long(), steps=25, generator=gen)
     videos = vae.decode(latents)
@@ -191,7 +193,8 @@ def train(args, rank, world, device):
     progress = resume(args.run_dir, model, opt, ema, world, rank, device) if args.resume else Progress()
 
     objective = Objective(model, args.cond, args.text_encoder)
-    if use_cuda if args.compile is None else args.compile:
+    compile = use_cuda if args.compile is None else args.compile
+    if compile:
         objective = torch.compile(objective)
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -225,6 +228,7 @@ def train(args, rank, world, device):
         trained_captions = sorted(distinct) if len(distinct) <= 1000 else None
     k = cfg.tokens_per_frame
 
+    sampler = None  # made at the first sampling step
     bar = tqdm(total=args.steps, initial=progress.step, disable=not master, dynamic_ncols=True)
     guard = NonFiniteGuard(log=bar.write if master else lambda _: None)
     start, tokens_seen = time.time(), 0
@@ -249,7 +253,8 @@ def train(args, rank, world, device):
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             log.write(record)
         if master and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            write_samples(ema or model, tok, vae, meta["settings"]["classes"], captions, args, step, device)
+            sampler = sampler or Sampler(ema or model, args.num_samples, compile=compile)
+            write_samples(sampler, tok, vae, meta["settings"]["classes"], captions, args, step, device)
         if step % args.ckpt_every == 0 or step == args.steps:
             state = training_state(model, ema, opt, dataclasses.asdict(cfg), progress, world, device)
             if master:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import t5
-from ar import ARConfig, ARModel, apply_rope, from_sequence, rope_tables, sample_logits, to_sequence
+from ar import ARConfig, ARModel, apply_rope, from_sequence, rope_tables, to_sequence
+from generate import Sampler, generate, sample_logits
 
 FRAMES, K, VOCAB = 3, 4, 64
 
@@ -104,13 +105,13 @@ def test_initial_loss_is_log_vocab_and_prefix_budgets_train():
 @pytest.mark.parametrize("cfg_scale", [None, 3.0])
 def test_kv_cache_equals_recomputation(model, cfg_scale):
     kwargs = conditions(model)
-    cached = model.generate(**kwargs, temperature=0, cfg_scale=cfg_scale)
-    full = model.generate(**kwargs, temperature=0, cfg_scale=cfg_scale, use_cache=False)
+    cached = generate(model, **kwargs, temperature=0, cfg_scale=cfg_scale)
+    full = generate(model, **kwargs, temperature=0, cfg_scale=cfg_scale, use_cache=False)
     assert cached.shape == (2, FRAMES, K)
     assert torch.equal(cached, full)
     assert cached.unique().numel() > 3  # the random head makes the sequences non-trivial
     # Sampling with the same generator draws the same tokens too.
-    sample = lambda cache: model.generate(**kwargs, cfg_scale=cfg_scale, top_k=20, use_cache=cache,  # noqa: E731
+    sample = lambda cache: generate(model, **kwargs, cfg_scale=cfg_scale, top_k=20, use_cache=cache,  # noqa: E731
                                           generator=torch.Generator().manual_seed(5))
     assert torch.equal(sample(True), sample(False))
 
@@ -119,44 +120,88 @@ def test_cache_accepts_several_positions_after_the_start(model):
     """A prefill, then a chunk of 4 positions, then single positions: the same as one full pass."""
     from ar import KVCache
     kwargs = conditions(model)
-    cond = model._condition(2, kwargs.get("cls"), kwargs.get("text"), kwargs.get("text_mask"))
+    sos, text = model.condition(2, kwargs.get("cls"), kwargs.get("text"), kwargs.get("text_mask"))
     seq = torch.randint(0, VOCAB, (2, 8))
-    full = model._hidden(seq, FRAMES, *cond)
-    caches = [KVCache(2, model.cfg.depth, 9, torch.float32, "cpu") for _ in model.blocks]
-    parts = [model._hidden(seq[:, :2], FRAMES, *cond, caches=caches),
-             model._hidden(seq[:, 2:6], FRAMES, *cond, start=3, caches=caches),
-             model._hidden(seq[:, 6:7], FRAMES, *cond, start=7, caches=caches),
-             model._hidden(seq[:, 7:8], FRAMES, *cond, start=8, caches=caches)]
+    full = model._hidden(seq, FRAMES, sos, text)
+    x = torch.cat([sos[:, None], model.tok_emb(seq)], 1)
+    text_len = 0 if text is None else text[0].shape[1]
+    caches = torch.nn.ModuleList(KVCache(2, model.cfg.depth, 12, text_len, torch.float32, "cpu") for _ in model.blocks)
+    if text is not None:
+        for block, cache in zip(model.blocks, caches):
+            cache.text_k[:], cache.text_v[:], cache.text_mask[:] = block.cross.context(*text)
+    parts = [model.trunk(x[:, a:b], torch.arange(a, b), FRAMES, caches=caches) for a, b in [(0, 3), (3, 7), (7, 8), (8, 9)]]
     # fp32 rounding: the chunks run other kernels than the full pass (4e-5 measured on values up to 3.4 with
     # the text branch on a 2-core x86 CPU); a cache that mixes up positions is off by O(1)
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-4)
 
 
+def test_padded_batch_and_short_cache_give_the_same_tokens(model):
+    """A Sampler made for more rows pads the batch (and the text to max_text_len); its tokens are those of
+    an exact-size one, and a cache as long as the sequence gives the same as the model's longest."""
+    kwargs = conditions(model)
+    draw = lambda sampler, **kw: sampler.generate(**kwargs, **kw, cfg_scale=2.0, top_p=0.9,  # noqa: E731
+                                                  generator=torch.Generator().manual_seed(2))
+    exact = draw(Sampler(model, 2), tokens_per_frame=2)
+    sampler = Sampler(model, 5)
+    assert torch.equal(draw(sampler, tokens_per_frame=2), exact)
+    assert torch.equal(draw(sampler, tokens_per_frame=2), exact)  # the cache is reused: stale entries masked
+    assert torch.equal(draw(Sampler(model, 2, length=FRAMES * 2), tokens_per_frame=2), exact)
+
+
+def test_compiled_decoding_draws_the_eager_tokens():
+    """torch.compile of both steps (a plain compile on CPU): the same tokens for the same seed, greedy and
+    sampled with CFG and top-k."""
+    model = random_model(small_config(depth=1, text="bytes"))
+    kwargs = conditions(model)
+    compiled = Sampler(model, 2, compile=True)
+    for sampling in (dict(temperature=0), dict(cfg_scale=3.0, top_k=20)):
+        draw = lambda sampler: sampler.generate(**kwargs, **sampling,  # noqa: E731
+                                                generator=torch.Generator().manual_seed(5))
+        assert torch.equal(draw(compiled), draw(Sampler(model, 2)))
+    assert compiled.next is not compiled._next  # compiled, not fallen back to eager
+
+
+def test_compile_failure_falls_back_to_eager(model, capsys, monkeypatch):
+    kwargs = conditions(model)
+    sampler = Sampler(model, 2)
+    def broken(*args):
+        raise RuntimeError("no C++ compiler\nsecond line")
+    monkeypatch.setattr(sampler, "first", broken)
+    monkeypatch.setattr(sampler, "next", broken)
+    assert torch.equal(sampler.generate(**kwargs, temperature=0), generate(model, **kwargs, temperature=0))
+    assert capsys.readouterr().out.count("torch.compile failed (RuntimeError: no C++ compiler); decoding eagerly") == 1
+
+
 def test_guidance_changes_samples_and_scale_one_is_plain(model):
     kwargs = conditions(model)
-    draw = lambda **kw: model.generate(**kwargs, **kw, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    draw = lambda **kw: generate(model, **kwargs, **kw, generator=torch.Generator().manual_seed(1))  # noqa: E731
     plain = draw()
     assert torch.equal(draw(cfg_scale=1.0), plain)  # doubled batch, unconditional half has no effect
-    assert not torch.equal(model.generate(**kwargs, temperature=0, cfg_scale=4.0),
-                           model.generate(**kwargs, temperature=0))
+    assert not torch.equal(generate(model, **kwargs, temperature=0, cfg_scale=4.0),
+                           generate(model, **kwargs, temperature=0))
 
 
 def test_budget_and_frames_are_arguments(model):
     kwargs = conditions(model)
-    full = model.generate(**kwargs, temperature=0)
+    full = generate(model, **kwargs, temperature=0)
     # Greedy decoding of k tokens per frame is the prefix of the full greedy sequence (time-first).
-    assert torch.equal(model.generate(**kwargs, temperature=0, tokens_per_frame=2), full[..., :2])
-    assert model.generate(**kwargs, frames=2, tokens_per_frame=3).shape == (2, 2, 3)
+    assert torch.equal(generate(model, **kwargs, temperature=0, tokens_per_frame=2), full[..., :2])
+    assert generate(model, **kwargs, frames=2, tokens_per_frame=3).shape == (2, 2, 3)
 
 
 def test_sample_logits_filters():
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(sample_logits(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    noise = lambda: torch.rand(logits.shape, generator=g)  # noqa: E731
+    assert set(sample_logits(logits, top_k=2, noise=noise()).tolist()) == {0, 1}
     # top_p 0.8: probabilities 0.64, 0.24, 0.09, ... -> the first two cover 0.88, the third is dropped.
-    assert set(sample_logits(logits, top_p=0.8, generator=g).tolist()) == {0, 1}
-    assert set(sample_logits(logits, temperature=100.0, generator=g).tolist()) == {0, 1, 2, 3, 4}
+    assert set(sample_logits(logits, top_p=0.8, noise=noise()).tolist()) == {0, 1}
+    assert set(sample_logits(logits, temperature=100.0, noise=noise()).tolist()) == {0, 1, 2, 3, 4}
     assert sample_logits(logits[:1], temperature=0).item() == 0
+    # The Gumbel-max draw follows softmax(logits): 0.636, 0.234, 0.086, 0.032, 0.012 (4000 draws: +-0.02).
+    counts = sample_logits(logits, noise=noise()).bincount(minlength=5) / len(logits)
+    assert torch.allclose(counts, logits[0].softmax(-1), atol=0.02)
+    assert sample_logits(logits, noise=torch.zeros_like(logits)).tolist() == [0] * len(logits)  # u = 0: no nan
 
 
 ################################################################################
@@ -174,7 +219,7 @@ def test_cross_attention_ignores_padded_text():
     valid_changed[:, 0] += 1
     assert not torch.allclose(model(seq, text=valid_changed, text_mask=mask), logits, atol=1e-4)
     # Generation is unaffected by padding too.
-    gen = lambda t: model.generate(text=t, text_mask=mask, temperature=0, cfg_scale=2.0)  # noqa: E731
+    gen = lambda t: generate(model, text=t, text_mask=mask, temperature=0, cfg_scale=2.0)  # noqa: E731
     assert torch.equal(gen(text), gen(changed))
 
 
@@ -190,7 +235,7 @@ def test_t5_features_and_byte_encoder_share_the_interface():
     model = random_model(small_config(num_classes=0, text="t5", text_dim=32, max_text_len=12))
     text, mask = model.encode_text(["a red cat", "dog"], t5=encoder)
     assert text.shape == (2, 8, 32) and mask.sum(1).tolist() == [8, 4]  # pieces + </s>, padded to the longest
-    assert model.generate(text=text, text_mask=mask, tokens_per_frame=1).shape == (2, FRAMES, 1)
+    assert generate(model, text=text, text_mask=mask, tokens_per_frame=1).shape == (2, FRAMES, 1)
 
     byte_model = random_model(small_config(num_classes=0, text="bytes", max_text_len=8))
     text, mask = byte_model.encode_text(["ab", "é" * 10])
@@ -208,8 +253,8 @@ def test_condition_dropout_uses_the_null_condition():
     model.train()  # dropout 0 in the trunk: only the condition dropout acts
     dropped = model(seq, torch.tensor([0, 1]), text, mask)
     model.eval()
-    null_cls, null_text, null_mask = model._null_inputs(2, text)
-    sos, ctx = model._condition(2, null_cls, null_text, null_mask, null=True)
+    null_cls, null_text, null_mask = model.null_inputs(2, text)
+    sos, ctx = model.condition(2, null_cls, null_text, null_mask, null=True)
     reference = model.head(model._hidden(seq, FRAMES, sos, ctx)).float()
     assert torch.allclose(dropped, reference, atol=1e-6)
     assert not torch.allclose(dropped, model(seq, torch.tensor([0, 1]), text, mask), atol=1e-4)
@@ -232,8 +277,8 @@ def test_overfits_sequences_and_regenerates_them_from_their_class():
         opt.step()
     assert loss.item() < 0.02
     model.eval()
-    assert torch.equal(model.generate(cls, temperature=0), ids)
-    assert torch.equal(model.generate(cls, temperature=0, tokens_per_frame=1), ids[..., :1])
+    assert torch.equal(generate(model, cls, temperature=0), ids)
+    assert torch.equal(generate(model, cls, temperature=0, tokens_per_frame=1), ids[..., :1])
 
 
 ################################################################################
@@ -260,24 +305,27 @@ def test_bad_input_is_rejected():
     text, mask = model.encode_text(["red", "blue"])
     cls = torch.tensor([0, 1])
     cases = [
-        (lambda: model.generate(torch.tensor([0, 5]), text, mask), "unknown class id"),
-        (lambda: model.generate(torch.tensor([-1, 0]), text, mask), "unknown class id"),
-        (lambda: model.generate(None, text, mask), "cls must be"),
+        (lambda: generate(model, torch.tensor([0, 5]), text, mask), "unknown class id"),
+        (lambda: generate(model, torch.tensor([-1, 0]), text, mask), "unknown class id"),
+        (lambda: generate(model, None, text, mask), "cls must be"),
         (lambda: model.encode_text([]), "non-empty list"),
         (lambda: model.encode_text("a prompt"), "non-empty list"),
-        (lambda: model.generate(cls, text, mask, tokens_per_frame=0), r"tokens_per_frame=0 must be in \[1, 4\]"),
-        (lambda: model.generate(cls, text, mask, tokens_per_frame=K + 1), r"must be in \[1, 4\]"),
-        (lambda: model.generate(cls, text, mask, frames=FRAMES + 1), "trained for 1 to 3 latent frames"),
+        (lambda: generate(model, cls, text, mask, tokens_per_frame=0), r"tokens_per_frame=0 must be in \[1, 4\]"),
+        (lambda: generate(model, cls, text, mask, tokens_per_frame=K + 1), r"must be in \[1, 4\]"),
+        (lambda: generate(model, cls, text, mask, frames=FRAMES + 1), "trained for 1 to 3 latent frames"),
         (lambda: model.loss(torch.zeros(2, FRAMES + 1, K, dtype=torch.long), cls, text, mask), "latent frames"),
         (lambda: model.loss(torch.full((2, FRAMES, K), VOCAB), cls, text, mask), r"ids must be in \[0, 64\)"),
-        (lambda: model.generate(cls), "text must be features"),
-        (lambda: model.generate(cls, text, torch.zeros_like(mask)), "without any valid position"),
-        (lambda: model.generate(cls, text, mask, top_p=0.0), "top_p"),
+        (lambda: generate(model, cls), "text must be features"),
+        (lambda: generate(model, cls, text, torch.zeros_like(mask)), "without any valid position"),
+        (lambda: generate(model, cls, text, mask, top_p=0.0), "top_p"),
         (lambda: model.check_vocabulary(1000), "do not belong together"),
-        (lambda: ARModel(small_config()).eval().generate(cls, text, mask), "no text conditioning"),
-        (lambda: ARModel(small_config(num_classes=0)).eval().generate(cfg_scale=2.0, batch=1), "neither"),
+        (lambda: generate(ARModel(small_config()).eval(), cls, text, mask), "no text conditioning"),
+        (lambda: generate(ARModel(small_config(num_classes=0)).eval(), cfg_scale=2.0, batch=1), "neither"),
         (lambda: ARConfig.preset("d99"), "unknown AR preset"),
-        (lambda: model.train().generate(cls, text, mask), "model.eval()"),
+        (lambda: generate(model.train(), cls, text, mask), "model.eval()"),
+        (lambda: Sampler(model.eval(), 1).generate(cls, text, mask), "larger than this Sampler's 1"),
+        (lambda: Sampler(model, 2, length=5).generate(cls, text, mask), "do not fit this Sampler's cache of 5"),
+        (lambda: Sampler(model, 2, length=FRAMES * K + 1), "length in"),
         (lambda: ARConfig(text="clip"), "ARConfig.text"),
     ]
     for fn, message in cases:

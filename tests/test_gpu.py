@@ -98,8 +98,9 @@ def test_decoding_is_the_same_with_both_attention_backends():
     assert close(videos["flex"], videos["sdpa"])
 
 
-def test_ar_kv_cache_on_cuda_equals_recomputation_and_cpu():
+def test_ar_kv_cache_on_cuda_equals_recomputation_cpu_and_compiled():
     from ar import ARConfig, ARModel
+    from generate import Sampler, generate
 
     cfg = ARConfig.preset("tiny", vocab=64, max_frames=3, tokens_per_frame=4, num_classes=5, dropout=0.0)
     torch.manual_seed(0)
@@ -109,10 +110,17 @@ def test_ar_kv_cache_on_cuda_equals_recomputation_and_cpu():
             if "norm" not in name:
                 p.normal_(0, 0.2)  # a zero head would make every greedy sample 0
     cls = torch.arange(2)
-    on_cpu = model.generate(cls=cls, temperature=0)
+    on_cpu = generate(model, cls=cls, temperature=0)
     model.to(CUDA)
-    cached = model.generate(cls=cls.to(CUDA), temperature=0)
-    full = model.generate(cls=cls.to(CUDA), temperature=0, use_cache=False)
+    cached = generate(model, cls=cls.to(CUDA), temperature=0)
+    full = generate(model, cls=cls.to(CUDA), temperature=0, use_cache=False)
     assert torch.equal(cached, full)
     assert torch.equal(cached.cpu(), on_cpu)
     assert on_cpu.unique().numel() > 3
+    # CUDA graphs (reduce-overhead): the same tokens as eager for the same seed, greedy and sampled with CFG.
+    compiled = Sampler(model, 2, compile=True)
+    for sampling in (dict(temperature=0), dict(cfg_scale=3.0, top_k=20)):
+        draw = lambda s: s.generate(cls=cls.to(CUDA), **sampling,  # noqa: E731
+                                    generator=torch.Generator(CUDA).manual_seed(5))
+        assert torch.equal(draw(compiled), draw(Sampler(model, 2)))
+    assert compiled.next is not compiled._next
