@@ -379,7 +379,8 @@ def _attention_options(parser: argparse.ArgumentParser) -> None:
 
 def _decode_job(args: argparse.Namespace, k: int, part: str = "joint"):
     """Build a tokenizer and the ids of one batch; return the call that decodes their first k tokens per frame:
-    jointly (`decode`), or frame by frame (`decode_frames`) up to the first frame or to the last."""
+    jointly (`decode`, eager or with the Euler step compiled), or frame by frame (`decode_frames`) up to the first
+    frame or to the last."""
     from tokenizer import VideoFlexTok
 
     device, dtype, reduced = setup(args)
@@ -388,31 +389,40 @@ def _decode_job(args: argparse.Namespace, k: int, part: str = "joint"):
     with device:  # initialised on the device, as in tok-step
         model = VideoFlexTok(cfg).eval()
     ids = torch.randint(model.codebook_size, (args.batch_size, cfg.max_frames, k), device=device)
+    if part == "compiled":
+        model.decoder.compile_sampling()
 
     def decode():
         gen = torch.Generator(device).manual_seed(0)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            if part == "joint":
-                model.decode(ids, steps=args.steps, generator=gen)
+            if part in ("joint", "compiled"):
+                model.decode(ids, steps=args.steps, guidance=args.guidance, generator=gen)
             else:
-                frames = model.decode_frames(ids, steps=args.steps, generator=gen)
+                frames = model.decode_frames(ids, steps=args.steps, guidance=args.guidance, generator=gen)
                 next(frames) if part == "first frame" else list(frames)
     return decode
 
 
 def bench_decode(args: argparse.Namespace) -> None:
-    """Decoding token ids to latents with the flow decoder (`VideoFlexTok.decode`, no guidance): seconds per clip
-    and peak memory, for several tokens per frame. Budgets above the config's K (reduced) are clipped to K.
+    """Decoding token ids to latents with the flow decoder (`VideoFlexTok.decode`, guidance --guidance): seconds per
+    clip and peak memory, for several tokens per frame, eager and with `Decoder.compile_sampling` (warm-up runs
+    include the compilation). Budgets above the config's K (reduced) are clipped to K.
 
     The decoder's sequence always holds all K register slots (dropped ones become the mask token), so the cost
     does not depend on the budget; the rows show it."""
     device, dtype, reduced = setup(args)
     cfg = tok_config(args.preset, reduced)
     for k in sorted({min(k, cfg.registers) for k in args.budgets}):
-        times, peak = measure_job(_decode_job, args, k)
-        row(f"decode {k} tokens/frame, {args.steps} Euler steps", tok_describe(args.preset, cfg, reduced,
-            args.batch_size), device_name(device), dtype, times,
-            f"{statistics.median(times) / args.batch_size:.3f} s/clip, {mib(peak)}")
+        eager = None
+        for part in ("joint", "compiled"):
+            times, peak = measure_job(_decode_job, args, k, part)
+            seconds = statistics.median(times)
+            eager = eager or seconds
+            name = "compiled Euler step" if part == "compiled" else "eager"
+            row(f"decode {k} tokens/frame, {args.steps} Euler steps, guidance {args.guidance}, {name}",
+                tok_describe(args.preset, cfg, reduced, args.batch_size), device_name(device), dtype, times,
+                f"{seconds / args.batch_size:.3f} s/clip, {mib(peak)}"
+                + (f", {eager / seconds:.2f}x eager" if part == "compiled" else ""))
     # Progressive decoding (decode_frames) at the largest budget: when the first frame is ready, and the whole
     # clip, against the joint decoding.
     k = min(max(args.budgets), cfg.registers)
@@ -428,6 +438,7 @@ def _decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="d18-d18")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 8, 32, 256], help="tokens per frame")
     parser.add_argument("--steps", type=int, default=25, help="Euler steps")
+    parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale (> 1: conditional + null in one batch)")
     parser.add_argument("--batch-size", type=int, default=1)
 
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transformer import (AxialPositionEmbedding, Layout, TimestepEmbedder, Transformer, init_linear, layer_norm,
-                         modulate, patchify, unpatchify, zero_linear)
+from transformer import (AxialPositionEmbedding, Layout, TimestepEmbedder, Transformer, compile_or_eager,
+                         init_linear, layer_norm, modulate, patchify, unpatchify, zero_linear)
 
 
 def token_budgets(K):
@@ -244,11 +244,26 @@ class Decoder(nn.Module):
         for i in range(steps, 0, -1):
             if n:
                 x[:, :, :n] = prefix_latents
-            v, running = self._velocity(x, i / steps, registers, guidance, apg, running)
-            x = x - v.to(x.dtype) / steps
+            # t as a tensor: a compiled step then has the same inputs at every step (a float would be a constant)
+            t = torch.full((x.shape[0],), i / steps, device=x.device)
+            x, running = self.euler_step(x, t, registers, 1 / steps, guidance, apg, running)
         if n:
             x[:, :, :n] = prefix_latents
         return x
+
+    def euler_step(self, x, t, registers, dt, guidance, apg, running):
+        """x at noise level t (B,) -> x at t - dt, and the APG state. `compile_sampling` replaces it by its
+        compiled version; both read and return tensors only, so a step never waits for the host."""
+        v, running = self._velocity(x, t, registers, guidance, apg, running)
+        return x - v.to(x.dtype) * dt, running
+
+    def compile_sampling(self):
+        """torch.compile the Euler step (guidance and APG included) for fixed shapes, with CUDA graphs on CUDA
+        (mode "reduce-overhead"): a clip's 25 steps then replay one graph. Shapes, settings and the first
+        APG step (no state yet) each compile once."""
+        mode = "reduce-overhead" if self.patch_embed.weight.is_cuda else None
+        self.euler_step = compile_or_eager(self.euler_step, "the flow decoder's Euler step", mode=mode, dynamic=False)
+        return self
 
     @torch.no_grad()
     def sample_frames(self, codes, keep_k, size, steps=25, guidance=1.0, prefix_latents=None, generator=None):
@@ -297,7 +312,8 @@ class Decoder(nn.Module):
 
     def _velocity(self, x, t, registers, guidance, apg, running):
         """The (guided) velocity at noise level t for every frame of x, and the APG momentum state."""
-        t = torch.full((x.shape[0],), t, device=x.device)
+        if not torch.is_tensor(t):
+            t = torch.full((x.shape[0],), t, device=x.device)
         if guidance == 1.0:
             return self(x, t, registers), running
         v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), registers).chunk(2)

@@ -31,7 +31,7 @@ value back to the host.
 import torch
 
 from ar import KVCache, from_sequence
-from transformer import allow_recompiles
+from transformer import compile_or_eager
 
 
 class Sampler:
@@ -51,10 +51,10 @@ class Sampler:
         self.caches = {}  # rows (batch, or 2 x batch with CFG) -> the blocks' KVCaches
         self.first, self.next = self._first, self._next
         if compile:
-            allow_recompiles()
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.first = torch.compile(self._first, mode=mode, fullgraph=True, dynamic=False)
-            self.next = torch.compile(self._next, mode=mode, fullgraph=True, dynamic=False)
+            options = dict(mode=mode, fullgraph=True, dynamic=False)
+            self.first = compile_or_eager(self._first, "the AR prefill step", **options)
+            self.next = compile_or_eager(self._next, "the AR decode step", **options)
 
     def generate(self, cls=None, text=None, text_mask=None, frames=None, tokens_per_frame=None, **sampling):
         """Ids (B, frames, tokens_per_frame): the first tokens_per_frame tokens of every frame.
@@ -106,11 +106,11 @@ class Sampler:
             sos, text = torch.cat([sos, null_sos[rows]]), text and tuple(map(torch.cat, zip(text, null_text)))
         caches = self._caches(sos.shape[0])
         pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        token = self._call("first", caches, sos, text, pos, self._noise(B, temperature, generator), settings)
+        token = self.first(caches, sos, text, pos, self._noise(B, temperature, generator), settings)
         for n in range(frames * k):
             if n:
                 pos += 1
-                token = self._call("next", caches, token, pos, self._noise(B, temperature, generator), settings)
+                token = self.next(caches, token, pos, self._noise(B, temperature, generator), settings)
             out[:, n] = token[:B]
             yield out[:, :n + 1]
 
@@ -137,18 +137,6 @@ class Sampler:
 
     ############################################################################
     # Helpers
-
-    def _call(self, name, *args):
-        """Run the compiled step; if compilation fails, say so once and continue eagerly."""
-        try:
-            return getattr(self, name)(*args)
-        except Exception as error:  # noqa: BLE001 -- any compiler failure; the eager rerun re-raises real bugs
-            if self.first is self._first:
-                raise
-            print(f"generate.py: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
-                  "decoding eagerly")
-            self.first, self.next = self._first, self._next
-            return getattr(self, name)(*args)
 
     def _caches(self, rows):
         if rows not in self.caches:

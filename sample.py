@@ -118,7 +118,8 @@ def parse_args(argv=None):
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="torch.compile the AR decode step (CUDA graphs on CUDA; default: on CUDA). "
+                     help="torch.compile the AR decode step and the flow decoder's Euler step (CUDA graphs on CUDA; "
+                          "default: on CUDA). "
                           "Where compilation fails, one line says so and sampling runs eagerly")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -448,8 +449,7 @@ def sample(args, ar, tok, vae, device, output, k, chunks, n_chunks, condition, l
     cfg = args.cfg if args.cfg != 1 and "batch" not in condition else None
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=cfg, generator=gen)
     latents = min(chunks.latents, chunks.latent_frames(args.frames))
-    compile = device.type == "cuda" if args.compile is None else args.compile
-    sampler = Sampler(ar, len(labels), length=latents * k, compile=compile)
+    sampler = Sampler(ar, len(labels), length=latents * k, compile=args.compile)
     ids = generate_ids(sampler, condition, n_chunks, latents, k, sampling)
     names = [f"sample-{i:02d}-{slug(label)}" for i, label in enumerate(labels)]
     if args.progressive:
@@ -620,6 +620,9 @@ def run(args):
             raise ValueError(f"{err}\nThe bundled demo models are missing or corrupt: run `make demo-train`") from err
         raise
     tok.check_vae(vae)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    if args.compile:
+        tok.decoder.compile_sampling()
     if args.frames is None:   # one chunk: the AR model's clip, or the tokenizer's
         args.frames = Chunks(ar.cfg.max_frames if ar else tok.cfg.max_frames, vae.temporal_factor).frames
     size = image_size(args, tok, vae)

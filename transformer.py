@@ -148,6 +148,27 @@ def allow_recompiles(limit=64):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
 
+def compile_or_eager(fn, what, **options):
+    """torch.compile(fn, **options) that, where compilation fails (no C++ compiler, an unsupported torch build or
+    device), says so in one line and runs fn eagerly from then on. The eager rerun re-raises any error that was
+    not the compiler's."""
+    allow_recompiles()
+    compiled = torch.compile(fn, **options)
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is fn:
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except Exception as error:  # noqa: BLE001 -- any compiler failure, see above
+            print(f"torch.compile failed for {what} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+                  "running it eagerly")
+            compiled = fn
+            return fn(*args)
+    return call
+
+
 @functools.cache
 def _compiled_flex():
     allow_recompiles()

@@ -162,14 +162,16 @@ def test_compiled_decoding_draws_the_eager_tokens():
 
 
 def test_compile_failure_falls_back_to_eager(model, capsys, monkeypatch):
+    """A torch.compile that fails at the first call (as without a C++ compiler): one line, then eager tokens."""
     kwargs = conditions(model)
-    sampler = Sampler(model, 2)
     def broken(*args):
         raise RuntimeError("no C++ compiler\nsecond line")
-    monkeypatch.setattr(sampler, "first", broken)
-    monkeypatch.setattr(sampler, "next", broken)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)
+    sampler = Sampler(model, 2, compile=True)
     assert torch.equal(sampler.generate(**kwargs, temperature=0), generate(model, **kwargs, temperature=0))
-    assert capsys.readouterr().out.count("torch.compile failed (RuntimeError: no C++ compiler); decoding eagerly") == 1
+    out = capsys.readouterr().out
+    assert out.count("torch.compile failed for the AR prefill step (RuntimeError: no C++ compiler); running it "
+                     "eagerly") == 1 and out.count("torch.compile failed") == 2  # each step says it once
 
 
 def test_guidance_changes_samples_and_scale_one_is_plain(model):
