@@ -45,17 +45,18 @@ has() { "$py" -c "import $1" 2>/dev/null; }
 
 {
   echo "Machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)," \
-    "$(getconf _NPROCESSORS_ONLN) CPU cores, torch $("$py" -c 'import torch; print(torch.__version__)'), $(date -u '+%Y-%m-%d %H:%M UTC')"
+    "$(getconf _NPROCESSORS_ONLN) CPU cores, torch $("$py" -c 'import torch; print(torch.__version__)'), $(date -u '+%Y-%m-%d %H:%M UTC')," \
+    "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
   if [ "$part" != rest ]; then
     run 150 tok-step
     run 110 compile
     run 150 attention
-    run 80 decode
+    run 130 decode --budgets 1 256 --guidance 3.0
   fi
   if [ "$part" != train ]; then
-    run 60 vae-memory
-    if has diffusers; then run 60 vae; else echo; echo "vae: not measured (diffusers missing)"; fi
-    run 280 ar --runs 1
-    if has av; then run 150 data --workers 0 1 4 8; else echo; echo "data: not measured (PyAV missing)"; fi
+    run 50 vae-memory
+    if has diffusers; then run 50 vae; else echo; echo "vae: not measured (diffusers missing)"; fi
+    run 330 ar --runs 1 --lengths 1280   # eager and compiled; 1280 tokens give the early and late spans
+    if has av; then run 120 data --workers 0 1 4 8; else echo; echo "data: not measured (PyAV missing)"; fi
   fi
 } | tee -a "$out"
