@@ -247,7 +247,32 @@ def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
         torch.cuda.reset_peak_memory_stats(device)
     times = [timed(step, device) for _ in range(args.warmup + args.runs)]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if args.profile:
+        profile_table(step, device, args.profile, f"{preset}, {'compiled' if compiled else 'eager'}, B={batch}")
     return cfg, batch, times, host_syncs(step, device), peak
+
+
+def profile_table(step, device: torch.device, top: int, what: str) -> None:
+    """Print the `top` operators of two calls of `step` by self time on the device (CUDA kernels) or the CPU,
+    as a Markdown table: where a training step's time goes, before deciding what to fuse or batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    on = "device" if device.type == "cuda" else "cpu"
+    events = [e for e in prof.key_averages() if getattr(e, f"self_{on}_time_total") > 0]
+    events.sort(key=lambda e: getattr(e, f"self_{on}_time_total"), reverse=True)
+    total = sum(getattr(e, f"self_{on}_time_total") for e in events)
+    print(f"\nProfile of two steps ({what}), self {on} time:\n")
+    print("| operator | calls | self time per step (ms) | share |\n|---|---|---|---|")
+    for e in events[:top]:
+        t = getattr(e, f"self_{on}_time_total")
+        print(f"| {e.key[:80]} | {e.count // 2} | {t / 2e3:.2f} | {t / total:.1%} |")
+    print()
 
 
 def _tok_step_row(args, preset, compiled, eager_seconds=None) -> float:
@@ -301,6 +326,8 @@ def _tok_options(parser: argparse.ArgumentParser, compile_flag: bool = True) -> 
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"peak FLOP/s for MFU (default: dense bf16 of {sorted(PEAK_BF16_TFLOPS)})")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' checks the plumbing)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N operators that take the most time in a step (torch.profiler)")
     if compile_flag:
         parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                             help="compile the blocks (default: on CUDA)")

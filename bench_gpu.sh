@@ -48,7 +48,7 @@ has() { "$py" -c "import $1" 2>/dev/null; }
     "$(getconf _NPROCESSORS_ONLN) CPU cores, torch $("$py" -c 'import torch; print(torch.__version__)'), $(date -u '+%Y-%m-%d %H:%M UTC')," \
     "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
   if [ "$part" != rest ]; then
-    run 150 tok-step
+    run 170 tok-step --profile 15   # and the 15 costliest kernels of a step
     run 110 compile
     run 150 attention
     run 130 decode --budgets 1 256 --guidance 3.0

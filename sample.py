@@ -315,7 +315,7 @@ def class_id(value, names, n):
 
 
 def condition(ar, args, state, names, device):
-    """-> (keyword arguments of ARModel.stream, one name per video for the file names)."""
+    """-> (keyword arguments of generate.Sampler.stream, one name per video for the file names)."""
     cfg, n = ar.cfg, args.num_samples
     wants_class, wants_text = cfg.num_classes > 0, cfg.text != "none"
     if args.prompt and not wants_text:

@@ -106,3 +106,12 @@ def test_masked_flop_count_is_the_hand_count_of_attended_pairs():
                        + cfg.repa_depth * ((T * P) ** 2 - repa))
     dense = bench.tokenizer_flops(cfg, B, (T, side, side), masked=False)
     assert dense - bench.tokenizer_flops(cfg, B, (T, side, side)) == B * skipped
+
+
+def test_profile_table_names_the_costliest_operators(capsys):
+    from bench import profile_table
+    a = torch.randn(256, 256)
+    profile_table(lambda: (a @ a).relu_(), torch.device("cpu"), 3, "a matmul")
+    out = capsys.readouterr().out
+    assert "| operator | calls | self time per step (ms) | share |" in out
+    assert "| aten::mm | 1 |" in out  # two steps profiled, calls given per step
