@@ -106,11 +106,12 @@ class Sampler:
             sos, text = torch.cat([sos, null_sos[rows]]), text and tuple(map(torch.cat, zip(text, null_text)))
         caches = self._caches(sos.shape[0])
         pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        token = self.first(caches, sos, text, pos, self._noise(B, temperature, generator), settings)
+        # .clone(): a token feeds the next step, and a CUDA graph reuses its output buffer at its next replay
+        token = self.first(caches, sos, text, pos, self._noise(B, temperature, generator), settings).clone()
         for n in range(frames * k):
             if n:
                 pos += 1
-                token = self.next(caches, token, pos, self._noise(B, temperature, generator), settings)
+                token = self.next(caches, token, pos, self._noise(B, temperature, generator), settings).clone()
             out[:, n] = token[:B]
             yield out[:, :n + 1]
 
@@ -132,8 +133,7 @@ class Sampler:
 
     def _sample(self, caches, x, pos, noise, settings):
         h = self.model.trunk(x, pos, settings[0], caches=caches)
-        # .clone(): the result feeds the next step, and a CUDA graph's output buffer is reused by its next replay
-        return _pick(self.model.head(h[:, 0]).float(), noise, settings).clone()
+        return _pick(self.model.head(h[:, 0]).float(), noise, settings)
 
     ############################################################################
     # Helpers

@@ -16,7 +16,7 @@ TINY = {
     "tok-step": ["--presets", "d18-d18", "--batch-size", "1"],
     "compile": ["--backend", "eager", "--batch-size", "1"],
     "attention": ["--presets", "d18-d18", "--batch-size", "1"],
-    "decode": ["--budgets", "1", "256", "--steps", "2"],
+    "decode": ["--budgets", "256", "--steps", "2"],
     "stream": ["--latent-frames", "2"],
     "vae": ["--frames", "5"],
     "vae-memory": ["--frames", "5"],
@@ -53,9 +53,10 @@ def test_benchmark_prints_well_formed_rows(name, capsys):
             assert float(seconds) > 0 and int(n) == 1
     if name == "decode":  # budgets above the reduced config's K are clipped to it
         K = bench.tok_config("d18-d18", reduced=True).registers
-        assert [r[0] for r in table] == [f"decode {k} tokens/frame, 2 Euler steps" for k in (1, K)] + [
+        assert [r[0] for r in table] == [f"decode {K} tokens/frame, 2 Euler steps, guidance 1.0, {mode}"
+                                         for mode in ("eager", "compiled Euler step")] + [
             f"progressive decode {K} tokens/frame, 2 Euler steps: {part}" for part in ("first frame", "all frames")]
-        assert all("x the joint decoding" in r[5] for r in table[2:])
+        assert "x eager" in table[1][5] and all("x the joint decoding" in r[5] for r in table[2:])
 
 
 def test_all_runs_every_benchmark_with_its_defaults_on_one_device(monkeypatch, capsys):
