@@ -41,7 +41,8 @@ Conditioning.
   give (features, mask). The unconditional text is one learned null feature vector (dropout 0.1).
 
 Sampling lives in generate.py (a fixed-size KV cache, one decode step, compiled or eager); this
-file gives it `trunk` (the blocks over any positions, with or without `KVCache`s) and `condition`.
+file gives it `trunk` (the blocks over any positions, with or without `KVCache`s), `hidden` (a
+whole sequence) and `condition`.
 
 Presets (`ARConfig.preset`). Parameters measured on the meta device (checked in tests/test_ar.py).
 "trunk" is the blocks' self-attention and SwiGLU only; "c2v" is the whole model with 600 classes;
@@ -326,7 +327,7 @@ class ARModel(nn.Module):
         if not torch.is_tensor(seq) or seq.dim() != 2 or seq.dtype.is_floating_point or seq.shape[1] > n_max:
             raise ValueError(f"seq must be an integer tensor (B, n) with n <= {n_max} (frames x K - 1); "
                              f"got {getattr(seq, 'shape', seq)!r:.80}")
-        return self.head(self._hidden(seq, frames, *self.condition(seq.shape[0], cls, text, text_mask))).float()
+        return self.head(self.hidden(seq, frames, *self.condition(seq.shape[0], cls, text, text_mask))).float()
 
     def loss(self, ids, cls=None, text=None, text_mask=None):
         """Cross-entropy of ids (B, T', k) (any k <= K: train on the first k tokens of every frame)."""
@@ -364,7 +365,7 @@ class ARModel(nn.Module):
     ############################################################################
     # Internals
 
-    def _hidden(self, seq, frames, sos, text):
+    def hidden(self, seq, frames, sos, text):
         """Final hidden states (B, n + 1, D) of the input [SOS, seq] (seq (B, n)), at positions 0..n."""
         x = torch.cat([sos[:, None].to(self.tok_emb.weight.dtype), self.tok_emb(seq)], dim=1)
         return self.trunk(x, torch.arange(x.shape[1], device=x.device), frames, text)

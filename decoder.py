@@ -292,7 +292,8 @@ class Decoder(nn.Module):
             for s, i in enumerate(range(steps, 0, -1)):
                 states = torch.cat([past[s], frame], 2)
                 past[s] = states
-                v, _ = self._velocity(states, i / steps, registers[:, :j + 1], guidance, None, None)
+                t = torch.full((states.shape[0],), i / steps, device=states.device)
+                v, _ = self._velocity(states, t, registers[:, :j + 1], guidance, None, None)
                 frame = frame - v[:, :, -1:].to(frame.dtype) / steps
             yield frame
 
@@ -311,9 +312,7 @@ class Decoder(nn.Module):
         return x, registers, n
 
     def _velocity(self, x, t, registers, guidance, apg, running):
-        """The (guided) velocity at noise level t for every frame of x, and the APG momentum state."""
-        if not torch.is_tensor(t):
-            t = torch.full((x.shape[0],), t, device=x.device)
+        """The (guided) velocity at noise levels t (B,) for every frame of x, and the APG momentum state."""
         if guidance == 1.0:
             return self(x, t, registers), running
         v_cond, v_uncond = self(torch.cat([x, x]), torch.cat([t, t]), registers).chunk(2)

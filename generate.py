@@ -91,10 +91,10 @@ class Sampler:
             for n in range(frames * k):
                 seq = out[:, :n]
                 if cfg_scale is None:
-                    h = model._hidden(seq, frames, sos, text)
+                    h = model.hidden(seq, frames, sos, text)
                 else:
-                    h = torch.cat([model._hidden(seq, frames, sos, text),
-                                   model._hidden(seq, frames, null_sos, null_text)])
+                    h = torch.cat([model.hidden(seq, frames, sos, text),
+                                   model.hidden(seq, frames, null_sos, null_text)])
                 out[:, n] = _pick(model.head(h[:, -1]).float(), self._noise(B, temperature, generator), settings)
                 yield out[:, :n + 1]
             return
@@ -165,7 +165,7 @@ class Sampler:
         model = self.model
         if model.training:
             raise ValueError("sampling needs model.eval(): in training mode dropout and condition dropout act")
-        B = next((x.shape[0] for x in (cls, text) if torch.is_tensor(x)), batch)
+        B = _batch_of(cls, text, batch)
         if B is None or B < 1:
             raise ValueError(f"batch must be >= 1 for an unconditional model; got {batch}")
         if B > self.batch:
@@ -188,8 +188,13 @@ class Sampler:
 
 def generate(model, cls=None, text=None, text_mask=None, frames=None, tokens_per_frame=None, batch=None, **sampling):
     """One eager generation: `Sampler(model, B).generate(...)` (see `Sampler.stream` for `sampling`)."""
-    B = next((x.shape[0] for x in (cls, text) if torch.is_tensor(x)), batch or 1)
-    return Sampler(model, B).generate(cls, text, text_mask, frames, tokens_per_frame, batch=batch, **sampling)
+    sampler = Sampler(model, _batch_of(cls, text, batch) or 1)
+    return sampler.generate(cls, text, text_mask, frames, tokens_per_frame, batch=batch, **sampling)
+
+
+def _batch_of(cls, text, batch):
+    """The batch size of a condition: that of cls or text, else `batch` (an unconditional model)."""
+    return next((x.shape[0] for x in (cls, text) if torch.is_tensor(x)), batch)
 
 
 def _pick(logits, noise, settings):

@@ -122,7 +122,7 @@ def test_cache_accepts_several_positions_after_the_start(model):
     kwargs = conditions(model)
     sos, text = model.condition(2, kwargs.get("cls"), kwargs.get("text"), kwargs.get("text_mask"))
     seq = torch.randint(0, VOCAB, (2, 8))
-    full = model._hidden(seq, FRAMES, sos, text)
+    full = model.hidden(seq, FRAMES, sos, text)
     x = torch.cat([sos[:, None], model.tok_emb(seq)], 1)
     text_len = 0 if text is None else text[0].shape[1]
     caches = torch.nn.ModuleList(KVCache(2, model.cfg.depth, 12, text_len, torch.float32, "cpu") for _ in model.blocks)
@@ -257,7 +257,7 @@ def test_condition_dropout_uses_the_null_condition():
     model.eval()
     null_cls, null_text, null_mask = model.null_inputs(2, text)
     sos, ctx = model.condition(2, null_cls, null_text, null_mask, null=True)
-    reference = model.head(model._hidden(seq, FRAMES, sos, ctx)).float()
+    reference = model.head(model.hidden(seq, FRAMES, sos, ctx)).float()
     assert torch.allclose(dropped, reference, atol=1e-6)
     assert not torch.allclose(dropped, model(seq, torch.tensor([0, 1]), text, mask), atol=1e-4)
 
