@@ -221,7 +221,7 @@ def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
     peak CUDA memory: weights, optimizer state and EMA included)."""
     from tokenizer import VideoFlexTok
     from trainer import compile_blocks, make_ema, make_optimizer, optimizer_step, update_ema
-    from transformer import Block
+    from transformer import Block, use_checkpointing
 
     device, dtype, reduced = setup(args)
     cfg = tok_config(preset, reduced)
@@ -231,6 +231,7 @@ def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
         model = VideoFlexTok(cfg)
     opt, params = make_optimizer(model, 1e-4, 0.05, (0.9, 0.99), fused=device.type == "cuda")
     ema = make_ema(model, 0.999)
+    use_checkpointing(model, args.checkpointing)
     if compiled:
         compile_blocks(model, Block, backend=args.backend)
     T, side = cfg.max_frames, cfg.latent_size
@@ -290,7 +291,8 @@ def _tok_step_row(args, preset, compiled, eager_seconds=None) -> float:
     memory = "peak n/a" if peak_bytes is None else f"peak {peak_bytes / 2**30:.1f} GiB (weights, AdamW, EMA too)"
     versus = (f"; {eager_seconds / seconds:.2f}x the speed of eager, first step {times[0]:.1f} s (compiling)"
               if eager_seconds else "")
-    mode = f"compiled blocks ({args.backend})" if compiled else "eager"
+    mode = (f"compiled blocks ({args.backend})" if compiled else "eager") + (
+        ", activation checkpointing" if args.checkpointing else "")
     row(f"tokenizer training step, {mode}", tok_describe(preset, cfg, reduced, batch), device_name(device),
         "float32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast", timed_runs,
         f"{batch / seconds:.2f} clips/s, {batch * tokens / seconds:.0f} tokens/s, "
@@ -326,6 +328,8 @@ def _tok_options(parser: argparse.ArgumentParser, compile_flag: bool = True) -> 
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"peak FLOP/s for MFU (default: dense bf16 of {sorted(PEAK_BF16_TFLOPS)})")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' checks the plumbing)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing (train_tok.py --activation-checkpointing): larger batches fit")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N operators that take the most time in a step (torch.profiler)")
     if compile_flag:

@@ -3,7 +3,8 @@
 # H100 80GB), in two parts of under 10 minutes each, the longest command a lent GPU machine runs here:
 #
 #   bash bench_gpu.sh [OUT] [train|rest]   # OUT: the Markdown tables, appended (default bench-gpu.md); warnings go to OUT.log
-#                                          # train: tok-step, compile, attention, decode; rest: VAE, AR, data
+#                                          # train: tokenizer steps (MFU, profile, activation checkpointing), attention;
+#                                          # rest: flow decoding, VAE, AR, data
 #                                          # (default: both, about 16 minutes)
 #
 # Each benchmark runs under its own time limit, so one that compiles for too long or hangs costs only its own rows,
@@ -48,15 +49,17 @@ has() { "$py" -c "import $1" 2>/dev/null; }
     "$(getconf _NPROCESSORS_ONLN) CPU cores, torch $("$py" -c 'import torch; print(torch.__version__)'), $(date -u '+%Y-%m-%d %H:%M UTC')," \
     "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
   if [ "$part" != rest ]; then
-    run 170 tok-step --profile 15   # and the 15 costliest kernels of a step
-    run 110 compile
+    run 230 compile --profile 15   # eager and compiled steps (MFU), and the 15 costliest kernels of each
+    # Activation checkpointing: the batches that do not fit without it (d18-d18 at 16, d18-d28 at 4).
+    run 100 tok-step --presets d18-d18 --batch-size 16 --checkpointing
+    run 90 tok-step --presets d18-d28 --batch-size 4 --checkpointing
     run 150 attention
-    run 130 decode --budgets 1 256 --guidance 3.0
   fi
   if [ "$part" != train ]; then
+    run 130 decode --budgets 1 256 --guidance 3.0
     run 50 vae-memory
     if has diffusers; then run 50 vae; else echo; echo "vae: not measured (diffusers missing)"; fi
-    run 330 ar --runs 1 --lengths 1280   # eager and compiled; 1280 tokens give the early and late spans
-    if has av; then run 120 data --workers 0 1 4 8; else echo; echo "data: not measured (PyAV missing)"; fi
+    run 240 ar --runs 1 --lengths 1280   # eager and compiled; 1280 tokens give the early and late spans
+    if has av; then run 100 data --workers 0 1 4 8; else echo; echo "data: not measured (PyAV missing)"; fi
   fi
 } | tee -a "$out"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 HEAD_DIM = 64
@@ -285,6 +286,10 @@ class Transformer(nn.Module):
         self.mask_kind = mask
         self.blocks = nn.ModuleList(Block(dim, cond_dim, groups) for _ in range(depth))
         self.backend = None  # None: pick by device (see default_backend); or "flex" / "sdpa"
+        # Activation checkpointing: keep only each block's input for the backward and run the block again
+        # there. About a third more compute for a fraction of the activation memory (train_tok.py's
+        # --activation-checkpointing), which lets larger batches fill a GPU.
+        self.checkpointing = False
 
     def forward(self, x, layout, cond=None, capture=None, cache=None):
         """x: (B, S, D). Returns the output, and also the output of block `capture` if given.
@@ -298,13 +303,24 @@ class Transformer(nn.Module):
         else:
             mask = attention_mask(self.mask_kind, layout, str(x.device), self.backend or default_backend(x.device))
         captured = None
+        recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, layout, cond, None if cache is None else cache.layers[i])
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, layout, cond, use_reentrant=False)
+            else:
+                x = block(x, mask, layout, cond, None if cache is None else cache.layers[i])
             if i == capture:
                 captured = x
         if cache is not None:
             cache.frames += 1
         return (x, captured) if capture is not None else x
+
+
+def use_checkpointing(model, on=True):
+    """Turn activation checkpointing on (or off) in every Transformer of `model`."""
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            module.checkpointing = on
 
 
 class FrameCache:

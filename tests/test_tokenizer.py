@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from decoder import APG, guide, repa_loss, sample_keep_k
+from transformer import Transformer, use_checkpointing
 from vae import PixelVAE
 from tokenizer import (TokenizerConfig, VideoFlexTok, budget_psnr, choose_budgets, greedy_budgets, overfit, random_clips,
                        reconstruction_errors)
@@ -234,6 +235,26 @@ def test_training_losses_and_gradients():
                  "decoder.repa_head.out.weight", "decoder.mask_token", "decoder.prefix_token"]:
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = random_model(small_config()).train()
+    x, target = latents(), torch.randn(2, 5, 16, 32)
+
+    def loss_and_grads(checkpointing):
+        use_checkpointing(model, checkpointing)
+        model.zero_grad()
+        torch.manual_seed(3)  # the same noise levels, noise and nested-dropout draws for both runs
+        loss = model(x, repa_target=target)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    assert all(t.checkpointing for t in model.modules() if isinstance(t, Transformer))
+    assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys() and len(grads) > 20
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_ckpt[name], rtol=1e-5, atol=1e-7), name
 
 
 @pytest.mark.parametrize("sampling, low_share", [("logit_normal", 0.014), ("uniform", 0.10)])
