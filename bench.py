@@ -218,7 +218,7 @@ def peak_tflops(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
     """Times of every tokenizer training step, warm-up included, as train_tok.py runs it: forward under autocast,
     backward, gradient clipping, AdamW (fused on CUDA), EMA. Returns (cfg, batch, all times, host syncs per step,
-    peak CUDA memory: weights, optimizer state and EMA included)."""
+    peak memory: CUDA allocations, or the process RSS on CPU; weights, optimizer state and EMA included)."""
     from tokenizer import VideoFlexTok
     from trainer import compile_blocks, make_ema, make_optimizer, optimizer_step, update_ema
     from transformer import Block, use_checkpointing
@@ -246,8 +246,11 @@ def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif CLEAR_REFS.exists():
+        CLEAR_REFS.write_text("5")  # resets VmHWM (peak RSS) to the current RSS: weights are already counted
     times = [timed(step, device) for _ in range(args.warmup + args.runs)]
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else _status_bytes("VmHWM") if CLEAR_REFS.exists() else None)
     if args.profile:
         profile_table(step, device, args.profile, f"{preset}, {'compiled' if compiled else 'eager'}, B={batch}")
     return cfg, batch, times, host_syncs(step, device), peak
@@ -288,7 +291,8 @@ def _tok_step_row(args, preset, compiled, eager_seconds=None) -> float:
     peak = peak_tflops(args, device, dtype)
     mfu = f"MFU {flops / seconds / (peak * 1e12):.1%}" if peak else "MFU n/a (no peak FLOP/s: --peak-tflops)"
     sync = "n/a" if syncs is None else syncs
-    memory = "peak n/a" if peak_bytes is None else f"peak {peak_bytes / 2**30:.1f} GiB (weights, AdamW, EMA too)"
+    memory = ("peak n/a" if peak_bytes is None else f"peak {peak_bytes / 2**30:.2f} GiB "
+              + ("(weights, AdamW, EMA too)" if device.type == "cuda" else "RSS (the whole process)"))
     versus = (f"; {eager_seconds / seconds:.2f}x the speed of eager, first step {times[0]:.1f} s (compiling)"
               if eager_seconds else "")
     mode = (f"compiled blocks ({args.backend})" if compiled else "eager") + (
