@@ -96,8 +96,10 @@ def check_finite(state, source, fix):
                          f"{', ...' if len(bad) > 3 else ''}). {fix}")
 
 
-# ------------------------------------------------------------------------------------------------
-# safetensors: u64 little-endian header length N | N bytes of JSON | data section. The header maps
+################################################################################
+# safetensors
+#
+# The format: u64 little-endian header length N | N bytes of JSON | data section. The header maps
 # tensor names to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the data
 # section, C order, little endian) plus an optional "__metadata__" map of strings.
 
@@ -111,7 +113,7 @@ SAFETENSORS_DTYPES = {
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit; anything larger is a corrupt file
 
 
-def read_safetensors_header(path) -> tuple[dict, dict, int]:
+def read_safetensors_header(path):
     """Parse and validate a safetensors header without reading tensor data.
 
     Returns (tensors, metadata, data_offset): tensors maps name -> {"dtype", "shape",
@@ -181,12 +183,12 @@ def read_safetensors_header(path) -> tuple[dict, dict, int]:
     return header, metadata, 8 + n
 
 
-def load_safetensors_metadata(path) -> dict[str, str]:
+def load_safetensors_metadata(path):
     """The header's `__metadata__` map (e.g. a model configuration stored as a JSON string)."""
     return read_safetensors_header(path)[1]
 
 
-def load_safetensors(path, device="cpu", names=None) -> dict[str, torch.Tensor]:
+def load_safetensors(path, device="cpu", names=None):
     """Read tensors from a safetensors file (all of them, or only `names`) onto `device`."""
     header, _, data_offset = read_safetensors_header(path)
     names = list(header) if names is None else list(names)
@@ -206,3 +208,7 @@ def load_safetensors(path, device="cpu", names=None) -> dict[str, torch.Tensor]:
             flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(info["shape"]).to(device)
     return tensors
+
+
+# The bundled demo models (assets/demo, made by `make demo-train`): sample.py's default, demo.py's models.
+DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"

@@ -9,19 +9,19 @@ official VideoFlexTok release (register path, mask/null/prefix tokens, APG setti
 Flow convention: x_t = t * eps + (1 - t) * x, so t = 1 is noise and t = 0 is data; the network
 predicts the velocity v = eps - x, and sampling integrates x <- x - dt * v from t = 1 to t = 0.
 
-The register path, in order: FSQ codes (B, T, K, 6) -> Linear to the width -> + a learned (t, k)
-position embedding -> nested dropout (positions >= k replaced by one learned mask token, so a
-dropped slot carries no position and "k tokens" looks the same in training and at inference) ->
-registers of clean prefix frames replaced by a learned prefix token -> null-condition dropout
-(the whole set replaced by a learned null token, for classifier-free guidance). The three
-replacements run in `cfg.register_masks` order (this one by default): an official checkpoint's
-configuration may order them otherwise, which changes the tokens of dropped slots in prefix
-frames, or leave the prefix token out. The registers are
-then interleaved frame by frame with the patchified noised latents and run through a transformer
-with timestep adaLN-zero, separate for patches and registers, under a time-causal mask (or a full
-one in the fine-tuning stage). The time-causal decoder turns reconstruction into prediction of
-future frames from the tokens of past frames, which the paper finds makes early tokens more
-semantic.
+The register path, in order: FSQ codes (B, T, K, 6) -> Linear to the width -> + a (t, k) position
+embedding (learned, or a fixed sine-cosine table: cfg.register_pos_embedding) -> three replacements
+by learned tokens, in the official module order:
+1. nested dropout: registers beyond the first k of every frame become the mask token, so a dropped
+   slot carries no position and "k tokens" looks the same in training and at inference;
+2. clean prefix frames: all registers of those frames become the prefix token (the frames are given
+   as latents instead);
+3. null condition: for classifier-free guidance, every register becomes the null token.
+The registers are then interleaved frame by frame with the patchified noised latents and run through
+a transformer with timestep adaLN-zero, separate for patches and registers, under a time-causal mask
+(or a full one in the fine-tuning stage). The time-causal decoder turns reconstruction into
+prediction of future frames from the tokens of past frames, which the paper finds makes early tokens
+more semantic.
 """
 from dataclasses import dataclass
 
@@ -110,9 +110,7 @@ def guide(v_cond, v_uncond, scale, apg=None, running=None):
 
 
 TIME_SAMPLING = ("logit_normal", "uniform")   # the training noise-level distributions (TokenizerConfig.time_sampling)
-
-# The learned token each register-masking step writes: nested dropout, clean prefix frames, "no tokens" (CFG).
-MASK_TOKENS = {"nested": "mask_token", "prefix": "prefix_token", "null": "null_token"}
+REGISTER_POSITIONS = ("learnable_sum", "sincos")  # register position tables (TokenizerConfig.register_pos_embedding)
 
 
 class Decoder(nn.Module):
@@ -120,18 +118,18 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim, p, C = cfg.dec_width, cfg.patch_size, cfg.latent_channels
-        masks = cfg.register_masks
-        if sorted(masks) not in (["nested", "null", "prefix"], ["nested", "null"]):
-            raise ValueError(f"register_masks must order 'nested', 'null' and optionally 'prefix', each once; "
-                             f"got {masks!r}")
         if cfg.time_sampling not in TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}; got {cfg.time_sampling!r}")
+        if cfg.register_pos_embedding not in REGISTER_POSITIONS:
+            raise ValueError(f"register_pos_embedding must be one of {REGISTER_POSITIONS}; got "
+                             f"{cfg.register_pos_embedding!r}")
         self.from_codes = nn.Linear(len(cfg.fsq_levels), dim)
         self.register_pos = AxialPositionEmbedding(dim, cfg.register_pos_sizes, cfg.register_pos_embedding)
-        for step in masks:
-            setattr(self, MASK_TOKENS[step], nn.Parameter(torch.randn(dim) * 0.02))
+        self.mask_token = nn.Parameter(torch.randn(dim) * 0.02)     # nested dropout
+        self.prefix_token = nn.Parameter(torch.randn(dim) * 0.02)   # registers of clean prefix frames
+        self.null_token = nn.Parameter(torch.randn(dim) * 0.02)     # the null condition (CFG)
         self.patch_embed = nn.Linear(p * p * C, dim)
-        self.pos = AxialPositionEmbedding(dim, cfg.patch_pos_sizes, cfg.pos_embedding)
+        self.pos = AxialPositionEmbedding(dim, cfg.patch_pos_sizes)
         self.time = TimestepEmbedder(dim, scale=cfg.time_scale)
         self.transformer = Transformer(dim, cfg.dec_depth, cfg.dec_mask, cond_dim=dim, groups=2)
         self.head_adaLN = zero_linear(dim, 2 * dim)
@@ -148,38 +146,43 @@ class Decoder(nn.Module):
         B, T, K, _ = codes.shape
         device = codes.device
         r = self.from_codes(codes) + self.register_pos(T, K)  # (B, T, K, D)
-        # The slots each step replaces, as (B, T, K, 1)-broadcastable masks. The steps run in the
-        # configured order; it matters where they overlap (e.g. dropped slots of a prefix frame).
-        replaced = {
-            "nested": None if keep_k is None else (torch.arange(K, device=device) >= keep_k[:, None]).view(B, 1, K, 1),
-            "prefix": None if prefix is None else (torch.arange(T, device=device) < prefix[:, None]).view(B, T, 1, 1),
-            "null": None if null is None else null.view(B, 1, 1, 1),
-        }
-        for step in self.cfg.register_masks:
-            if replaced[step] is not None:
-                r = torch.where(replaced[step], getattr(self, MASK_TOKENS[step]).to(r.dtype), r)
+        # Where the steps overlap, the later one wins: a prefix frame's dropped slots hold the prefix token.
+        if keep_k is not None:
+            dropped = (torch.arange(K, device=device) >= keep_k[:, None]).view(B, 1, K, 1)
+            r = torch.where(dropped, self.mask_token.to(r.dtype), r)
+        if prefix is not None:
+            clean = (torch.arange(T, device=device) < prefix[:, None]).view(B, T, 1, 1)
+            r = torch.where(clean, self.prefix_token.to(r.dtype), r)
+        if null is not None:
+            r = torch.where(null.view(B, 1, 1, 1), self.null_token.to(r.dtype), r)
         return r
 
-    def forward(self, x_t, t, registers, repa=False):
-        """x_t (B, C, T, H, W), t (B,), registers (B, T, K, D) -> velocity (B, C, T, H, W).
+    def forward(self, x_t, t, registers):
+        """x_t (B, C, T, H, W), t (B,), registers (B, T, K, D) -> velocity (B, C, T, H, W)."""
+        x, cond, layout = self._sequence(x_t, t, registers)
+        return self._to_velocity(self.transformer(x, layout, cond), cond, layout, x_t.shape)
 
-        With repa=True also returns the REPA head's prediction (B, T, h*w, repa_dim).
-        """
-        B, C, T, H, W = x_t.shape
+    def forward_with_repa(self, x_t, t, registers):
+        """`forward`, and the REPA head's prediction (B, T, h*w, repa_dim) from the patch features of decoder
+        block `cfg.repa_layer` (training)."""
+        x, cond, layout = self._sequence(x_t, t, registers)
+        x, features = self.transformer.forward_with_features(x, layout, cond, self.cfg.repa_layer)
+        return self._to_velocity(x, cond, layout, x_t.shape), self.repa_head(layout.split(features)[0])
+
+    def _sequence(self, x_t, t, registers):
+        """The transformer's input (B, S, D), its conditioning (the timestep embedding) and its layout."""
         p = self.cfg.patch_size
-        h, w = H // p, W // p
-        layout = Layout(T, h * w, registers.shape[2])
-        patches = self.patch_embed(patchify(x_t, p)) + self.pos(T, h, w)
-        cond = self.time(t)
-        capture = self.cfg.repa_layer if repa else None
-        out = self.transformer(layout.interleave(patches, registers), layout, cond, capture=capture)
-        x, features = out if repa else (out, None)
+        T, H, W = x_t.shape[2:]
+        layout = Layout(T, (H // p) * (W // p), registers.shape[2])
+        patches = self.patch_embed(patchify(x_t, p)) + self.pos(T, H // p, W // p)
+        return layout.interleave(patches, registers), self.time(t), layout
+
+    def _to_velocity(self, x, cond, layout, shape):
+        """The transformer's output -> the velocity (B, C, T, H, W) of latents of `shape`, from the patch tokens."""
+        C, H, W, p = shape[1], shape[3], shape[4], self.cfg.patch_size
         patches, _ = layout.split(x)
         shift, scale = self.head_adaLN(F.silu(cond))[:, None, None].chunk(2, dim=-1)
-        v = unpatchify(self.head(modulate(layer_norm(patches), shift, scale)), p, C, (h, w))
-        if not repa:
-            return v
-        return v, self.repa_head(layout.split(features)[0])
+        return unpatchify(self.head(modulate(layer_norm(patches), shift, scale)), p, C, (H // p, W // p))
 
     def loss(self, latents, codes, repa_target=None, prefix=None):
         """Training losses for one batch: {"flow", "repa" (if a target is given), "loss"}.
@@ -216,8 +219,7 @@ class Decoder(nn.Module):
         want_repa = repa_target is not None
         if want_repa and self.repa_head is None:
             raise ValueError("repa_target was given but this decoder has no REPA head (repa_dim=0 in its config)")
-        out = self(x_t, t, registers, repa=want_repa)
-        v, repa_pred = out if want_repa else (out, None)
+        v, repa_pred = self.forward_with_repa(x_t, t, registers) if want_repa else (self(x_t, t, registers), None)
         per_frame = (v.float() - (eps - latents).float()).pow(2).mean(dim=(1, 3, 4))  # (B, T)
         flow = (per_frame * frame_weight).sum() / frame_weight.sum().clamp_min(1)
         losses = {"flow": flow, "loss": flow}

@@ -27,7 +27,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         dim = cfg.enc_width
         self.patch_embed = nn.Linear(cfg.patch_size ** 2 * cfg.latent_channels, dim)
-        self.pos = AxialPositionEmbedding(dim, cfg.patch_pos_sizes, cfg.pos_embedding)
+        self.pos = AxialPositionEmbedding(dim, cfg.patch_pos_sizes)
         # A separate register set per latent-frame index: frame 0 (the VAE's lone first frame)
         # and later frames carry different information.
         self.registers = nn.Parameter(torch.randn(cfg.max_frames, cfg.registers, dim) * 0.02)

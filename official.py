@@ -1,4 +1,4 @@
-"""Load the official VideoFlexTok release into this repository's modules: `VideoFlexTok.from_pretrained`.
+"""Load the official VideoFlexTok release into this repository's modules: `official.load_tokenizer(path)`.
 
 The release (code apple/ml-videoflextok; weights EPFL-VILAB/videoflextok_d18_d18_k600, 17x128x128, and
 EPFL-VILAB/videoflextok_d18_d28, 256x256) is one `model.safetensors` per model. Its `__metadata__` holds
@@ -26,8 +26,22 @@ modules. Settings that change no number (initialisation, compilation, padding, a
 checkpointing) are accepted as they are; training settings our trainer does differently are listed in
 the load report.
 
-Why a file of its own: the translation table (official class -> checks, config fields, tensor names)
-is long and serves only this format.
+Scripts load a tokenizer with `load_tokenizer(path)`, which takes an official file (or the directory
+holding it) or a train_tok.py checkpoint; `convert(path)` gives the TokenizerConfig and our state dict
+of an official file. The model modules know nothing of this format. This module is one piece, longer
+than the others, because it is one file format's mapping (official class -> checks, config fields,
+tensor names).
+
+Of the options the official modules offer, ours keep those a release file is known to need: the
+settings the released configurations use, as far as they are known, and the official code's defaults,
+which a configuration that leaves a setting out gets. Patch positions are learned tables summed over
+their axes ("learnable_sum"), every axis as long as the longest (the official sincos table is 2-D, so
+a video's (t, y, x) patches cannot use it); the decoder's register positions are "learnable_sum" or
+"sincos", the official default (TokenizerConfig.register_pos_embedding); the timestep sinusoid is of
+1000 / max_timestep * t for any positive finite max_timestep, the official default 1000 included
+(TokenizerConfig.time_scale); the register replacements run in the module order nested dropout,
+clean-prefix masking, null condition. A file that sets anything else is refused with `Unsupported`,
+naming the setting and the value found.
 
 Facts taken from the official code at commit 4fd72ec (no code taken): attention is bias-free with
 per-head non-affine LayerNorm on q and k and scale 8/head_dim (1/8 = SDPA's default at head_dim 64);
@@ -39,11 +53,12 @@ by 1000 / max_timestep; FSQ ids are the mixed-radix digits, first level least si
 """
 import ast
 import json
+import math
 import re
 from pathlib import Path
 
-from checkpoint import check_state_dict, load_safetensors, read_safetensors_header
-from decoder import MASK_TOKENS
+from checkpoint import build_checked, load_safetensors, read_safetensors_header
+from tokenizer import TokenizerConfig, VideoFlexTok
 
 # The official classes a released configuration uses (the release's own allow-list), by short name.
 TARGETS = {path.rsplit(".", 1)[1]: path for path in (
@@ -79,6 +94,11 @@ NO_NUMBERS = {"weight_init_style", "zero_init_query_proj", "compile_block_mask",
               "use_act_checkpoint", "compile", "chunk_size", "force_vae_encode"}
 # The official wrapper finds these register-masking modules by name, to pass them k and the prefix length.
 WRAPPER_NAMES = {"nested": "dec_nested_dropout", "prefix": "dec_prefix_masking"}
+# The learned token each register-masking step writes, by our name: nested dropout, clean prefix frames, CFG.
+MASK_TOKENS = {"nested": "mask_token", "prefix": "prefix_token", "null": "null_token"}
+# What our decoder computes, with its register path: the three replacements in this order.
+DECODER = ("first(head(unpack0(transformer(pack(pos(patches(last(noised))),"
+           "null(prefix(nested(pos(from_codes(codes))))))))))")
 MAX_ENTRY_CHARS = 1_000_000
 # The classes that may appear in the encoder's or the decoder's module_dict (a Reader method each), and where.
 BOTH, ENC, DEC = ("encoder", "decoder"), ("encoder",), ("decoder",)
@@ -247,15 +267,12 @@ class Reader:
         self.noise(noise)
 
         found = self.read(data, out, "pipeline")
-        m = re.fullmatch(r"first\(head\(unpack0\(transformer\(pack\(pos\(patches\(last\(noised\)\)\),(.*)\)\)\)\)\)", found)
-        m = m and re.fullmatch(r"((?:\w+\()*)pos\(from_codes\(codes\)\)\)*", m.group(1))
-        steps = tuple(reversed(m.group(1)[:-1].split("("))) if m and m.group(1) else ()
-        if not m or len(set(steps)) != len(steps) or sorted(steps) not in (["nested", "null", "prefix"],
-                                                                            ["nested", "null"]):
-            raise Unsupported(f"the decoder computes {found}; ours computes first(head(unpack0(transformer(pack(pos("
-                              "patches(last(noised))),<steps>(pos(from_codes(codes))))))))) with <steps> nested, "
-                              "null and optionally prefix, each once, in any order")
-        self.fields["register_masks"] = steps
+        if found != DECODER:
+            steps = re.search(r",((?:\w+\()*)pos\(from_codes\(codes\)\)", found)
+            order = f" (it replaces the register tokens by {', '.join(reversed(steps.group(1)[:-1].split('(')))})" \
+                if steps and steps.group(1) else ""
+            raise Unsupported(f"the decoder computes {found}{order}; ours computes {DECODER}: nested dropout, "
+                              "clean-prefix masking and the null condition, each once, in that order")
 
     def walk(self, side, config, data):
         c = dict(config)
@@ -296,18 +313,25 @@ class Reader:
 
     def PositionalEmbeddingAdder(self, c, data, where, side, prefix):
         x = self.read(data, c.pop("read_key"), where)
-        kind, sizes = c.pop("posemb_type", "sincos"), tuple(c.pop("max_sizes"))
+        kind, sizes = c.pop("posemb_type", "sincos"), tuple(c.pop("max_sizes"))   # sincos: the official default
         self.need(c, "posemb_scaling", "absolute", where, ": interpolated tables change with the input size")
         self.need(c, "posemb_write_key", None, where)
         self.set(f"{side[:3]}_dim", c.pop("dim"), where)
-        if x.startswith("patches(") and len(sizes) == 3 and kind != "sincos":
-            self.set("pos_embedding", kind, where)
+        if x.startswith("patches(") and len(sizes) == 3:
+            if kind != "learnable_sum":
+                why = "the official sincos table is 2-D and video patch positions have 3 axes (t, y, x)" \
+                    if kind == "sincos" else "a learned vector per index of every axis, summed"
+                raise Unsupported(f"{where}: posemb_type = {kind!r} is not supported on the patches (only "
+                                  f"'learnable_sum': {why})")
             table, ours = f"{side} patches", f"{side}.pos."
         elif x == "from_codes(codes)" and len(sizes) == 2:
+            if kind not in ("learnable_sum", "sincos"):
+                raise Unsupported(f"{where}: posemb_type = {kind!r} is not supported on the registers (only "
+                                  "'learnable_sum' or 'sincos', the official default)")
             self.set("register_pos_embedding", kind, where)
             table, ours = "registers", "decoder.register_pos."
         else:
-            raise Unsupported(f"{where}: a {kind} position embedding of sizes {sizes} on {x} is not supported")
+            raise Unsupported(f"{where}: a position embedding of sizes {sizes} on {x} is not supported")
         self.tables[table] = sizes
         data[c.pop("write_key")] = f"pos({x})"
         self.rename[prefix] = (ours, positions(kind))
@@ -467,7 +491,10 @@ class Reader:
     def TimestepEmbedder(self, c, data, where, side, prefix):
         self.need(c, "frequency_embedding_size", 256, where)
         self.need(c, "temb_as_tokens", False, where)
-        self.set("time_scale", 1000.0 / c.pop("max_timestep", 1000.0), where)
+        found = c.pop("max_timestep", 1000.0)   # the official default, for timesteps in [0, 1000]
+        if isinstance(found, bool) or not isinstance(found, (int, float)) or not 0 < found < math.inf:
+            raise Unsupported(f"{where}: max_timestep = {found!r} is not supported (only a positive finite number)")
+        self.set("time_scale", 1000.0 / found, where)
         self.set("dec_dim", c.pop("dim"), where)
         data[c.pop("time_embedding_write_key")] = f"temb({self.read(data, c.pop('timesteps_read_key'), where)})"
         self.rename[prefix] = ("decoder.time.", named({f"mlp.{i}.{p}": f"mlp.{i}.{p}"
@@ -609,7 +636,6 @@ def is_official(path):
 
 def config_from_file(path, keep_repa=False):
     """(TokenizerConfig, Reader, the header's tensor table) from an official file's header alone."""
-    from tokenizer import TokenizerConfig
     file, config_json = find_file(path)
     tensors, metadata, _ = read_safetensors_header(file)
     reader = Reader()
@@ -636,8 +662,9 @@ def config_from_file(path, keep_repa=False):
                       f"{fields['registers']} registers and one latent grid for encoder and decoder")
 
 
-def load(model_cls, path, keep_repa=False):
-    """An official file -> (our model in eval mode, frozen; a report of what was loaded, dropped and noted)."""
+def convert(path, keep_repa=False):
+    """An official file (or the directory holding it) -> (its TokenizerConfig, its tensors as our state dict,
+    a report: what was loaded, left for the VAE, dropped, and the training settings ours does differently)."""
     file, _ = find_file(path)
     cfg, reader, header = config_from_file(file, keep_repa)
     strip = "video_tokenizer." if header and all(k.startswith("video_tokenizer.") for k in header) else ""
@@ -664,13 +691,25 @@ def load(model_cls, path, keep_repa=False):
     if unknown:
         raise ValueError(f"{file}: {len(unknown)} tensors have no place in our modules: {unknown[:10]}"
                          f"{' ...' if len(unknown) > 10 else ''}")
-    model = model_cls(cfg)
-    check_state_dict(model, state, str(file), "The file is not a complete official VideoFlexTok checkpoint for "
-                     "the configuration it stores.")
-    model.load_state_dict(state)
     report = [f"loaded {len(wanted)} official tensors into {len(state)} of ours"]
     if vae:
         report.append(f"{len(vae)} VidTok VAE tensors (vae.vidtok.*) left for vae.VidTokVAE.from_checkpoint(path)")
     if repa:
         report.append(f"dropped {len(repa)} REPA head tensors (training only; keep_repa=True loads them)")
-    return model.eval().requires_grad_(False), report + reader.notes
+    return cfg, state, report + reader.notes
+
+
+def load_tokenizer(path, keep_repa=False):
+    """A tokenizer in eval mode, frozen, from `path`: an official release file (model.safetensors or the
+    directory holding it), or else a train_tok.py checkpoint (`VideoFlexTok.from_checkpoint`).
+
+    For an official file the load report is printed; the REPA head is dropped unless keep_repa."""
+    if not is_official(path):
+        return VideoFlexTok.from_checkpoint(path)
+    cfg, state, report = convert(path, keep_repa)
+    fix = "The file is not a complete official VideoFlexTok checkpoint for the configuration it stores."
+    model = build_checked(lambda: VideoFlexTok(cfg), state, str(find_file(path)[0]), fix)
+    model.load_state_dict(state)
+    for line in report:
+        print(f"official VideoFlexTok: {line}")
+    return model.eval().requires_grad_(False)

@@ -9,7 +9,8 @@ that keeps the semantics and motion, more tokens add detail.
     ids = tok.encode(latents)                      # (B, T', 256) in [0, 64000)
     latents = tok.decode(ids[..., :32], steps=25)  # decode from the first 32 tokens of every frame
     ids = tok.tokenize(video, vae); video = tok.detokenize(ids, vae)  # through a VAE
-    tok = VideoFlexTok.from_pretrained("model.safetensors")  # the official release (official.py), or ours
+    tok = VideoFlexTok.from_checkpoint("ckpt.pt")  # a train_tok.py checkpoint
+    tok = official.load_tokenizer("model.safetensors")  # the official release, or a train_tok.py checkpoint
     for latent in tok.decode_frames(ids, steps=25): ...  # progressive: one latent frame at a time
     ids, table = budget_psnr(tok, vae, video)             # adaptive budgets: PSNR of every clip at every k,
     k = choose_budgets(table, token_budgets(256), target_psnr=30)   # the fewest tokens reaching 30 dB
@@ -19,23 +20,24 @@ Presets: `tiny` (CPU tests and demo, on pixels), `d12-d12` (the paper's ablation
 `d18-d18` (Kinetics-600, 17x128x128, patch 1), `d18-d28` (256x256, patch 2). Widths follow the
 paper: width = 64 * depth, heads = depth.
 
-Run `python tokenizer.py` for a one-minute demonstration on CPU: a tiny tokenizer overfits 16
-random clips, and reconstructions improve with the number of tokens.
+This module knows nothing of the official file format: official.py turns a release file into a
+TokenizerConfig and a state dict of this model.
 """
-import argparse
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-import official
 from decoder import Decoder, token_budgets
 from encoder import Encoder
 from fsq import LEVELS
 from checkpoint import build_checked, check_state_dict, torch_load
 from transformer import Transformer
+
+# Settings that checkpoints written by earlier versions store, each with the one value the model now computes
+# with (the only one a known file needs): `from_dict` accepts them at that value and refuses any other.
+RETIRED = {"pos_embedding": "learnable_sum", "register_masks": ("nested", "prefix", "null")}
 
 
 @dataclass
@@ -59,17 +61,16 @@ class TokenizerConfig:
     repa_depth: int = 2
     repa_layer: int = 1            # 0-based decoder block whose output the REPA head reads
     repa_weight: float = 0.5       # lambda; REPA's default
-    # Choices the official release leaves to its per-checkpoint config (official.py reads them from
-    # there); the defaults are this repository's.
     enc_dim: int = 0               # encoder width; 0 = 64 * enc_depth, the paper's rule
     dec_dim: int = 0               # decoder width; 0 = 64 * dec_depth
-    pos_embedding: str = "learnable_sum"           # patch positions; or "learnable_prod"
-    register_pos_embedding: str = "learnable_sum"  # decoder register positions; or "learnable_prod", "sincos"
-    square_positions: bool = False  # learned position tables as the official files store them: every axis
-                                    # as long as the table's longest (the extra rows are never used)
-    time_scale: float = 1000.0     # the timestep embedding sees time_scale * t (official: 1000 / max_timestep)
-    register_masks: tuple = ("nested", "prefix", "null")  # the order the decoder replaces register tokens in:
-                                   # nested dropout, clean-prefix frames, null condition ("prefix" optional)
+    # Options kept for the official release files (official.py sets them), each for what the official code
+    # does by default; the defaults here are ours.
+    square_positions: bool = False  # learned position tables as the official code always stores them: every
+                                    # axis as long as the table's longest (the extra rows are never used)
+    register_pos_embedding: str = "learnable_sum"  # the decoder's (t, k) register positions, or "sincos": the
+                                    # fixed table of the official PositionalEmbeddingAdder's default posemb_type
+    time_scale: float = 1000.0     # the timestep embedding sees time_scale * t; official: 1000 / max_timestep,
+                                   # 1 with the official TimestepEmbedder's default max_timestep of 1000
 
     @property
     def enc_width(self):
@@ -86,24 +87,34 @@ class TokenizerConfig:
     @property
     def patch_pos_sizes(self):
         """Axis lengths of the (t, y, x) patch position tables, encoder's and decoder's alike."""
-        return self._pos_sizes(self.pos_embedding, (self.max_frames, self.max_grid, self.max_grid))
+        return self._pos_sizes((self.max_frames, self.max_grid, self.max_grid))
 
     @property
     def register_pos_sizes(self):
-        """Axis lengths of the decoder's (t, k) register position table."""
-        return self._pos_sizes(self.register_pos_embedding, (self.max_frames, self.registers))
+        """Axis lengths of the decoder's (t, k) register position table (a sincos table is never squared)."""
+        sizes = (self.max_frames, self.registers)
+        return sizes if self.register_pos_embedding == "sincos" else self._pos_sizes(sizes)
 
-    def _pos_sizes(self, kind, sizes):
-        return (max(sizes),) * len(sizes) if self.square_positions and kind != "sincos" else sizes
+    def _pos_sizes(self, sizes):
+        return (max(sizes),) * len(sizes) if self.square_positions else sizes
 
     @classmethod
     def from_dict(cls, fields):
-        """The inverse of dataclasses.asdict, as stored in checkpoints (JSON turns tuples into lists)."""
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        """The inverse of dataclasses.asdict, as stored in checkpoints (JSON turns tuples into lists).
+
+        Fields that earlier versions stored are accepted with the one value this version computes with."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)} - set(RETIRED))
         if unknown:
             raise ValueError(f"not a tokenizer config: unknown fields {', '.join(unknown[:4])} (an AR checkpoint?)")
-        tuples = {k: tuple(fields[k]) for k in ("fsq_levels", "register_masks") if k in fields}
-        return cls(**{**fields, **tuples})
+        for name, value in RETIRED.items():
+            found = fields.get(name, value)
+            if (tuple(found) if isinstance(found, list) else found) != value:
+                raise ValueError(f"this checkpoint's tokenizer has {name} = {found!r}; this version computes only "
+                                 f"{name} = {value!r}")
+        fields = {k: v for k, v in fields.items() if k not in RETIRED}
+        if "fsq_levels" in fields:
+            fields["fsq_levels"] = tuple(fields["fsq_levels"])
+        return cls(**fields)
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -133,21 +144,6 @@ class VideoFlexTok(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-
-    @classmethod
-    def from_pretrained(cls, path, keep_repa=False):
-        """A train_tok.py checkpoint, or an official release file (model.safetensors or the directory
-        holding it, see official.py) -> its tokenizer in eval mode, frozen.
-
-        For an official file the load report (tensors loaded, VAE tensors left for vae.py, REPA head
-        dropped unless keep_repa, training settings ours does differently) is printed.
-        """
-        if not official.is_official(path):
-            return cls.from_checkpoint(path)
-        model, report = official.load(cls, path, keep_repa)
-        for line in report:
-            print(f"official VideoFlexTok: {line}")
-        return model
 
     @classmethod
     def from_checkpoint(cls, path):
@@ -359,67 +355,3 @@ def choose_budgets(table, budgets, target_psnr=None, total_tokens=None):
                          f"token per frame); got {total_tokens}")
     *_, (at, _, _) = greedy_budgets(table, budgets, limit=total_tokens)
     return budgets_t[at]
-
-
-################################################################################
-# Demonstration: overfit a few clips on CPU.
-
-def random_clips(n=16, frames=1, size=16, seed=0):
-    """n clips (n, 3, T, size, size) of uniform random pixels in [-1, 1], static over time.
-
-    Random pixels are the hard case for a tokenizer: nothing about a clip can be guessed from a
-    noised version of its neighbourhood, so the decoder must rely on the tokens, and one token
-    cannot carry a whole clip, so more tokens must give better reconstructions.
-    """
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 3, 1, size, size, generator=g) * 2 - 1).expand(-1, -1, frames, -1, -1).contiguous()
-
-
-def overfit(cfg, clips, steps, lr=3e-3, log_every=0):
-    """Train a tokenizer on one batch (pixels as latents) with a linearly decaying learning rate.
-    Returns the model and its first and last flow loss."""
-    model = VideoFlexTok(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
-    first = last = None
-    for step in range(steps):
-        loss = model(clips)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        first = loss.item() if first is None else first
-        last = loss.item()
-        if log_every and step % log_every == 0:
-            print(f"step {step:5d}  flow loss {last:.4f}", flush=True)
-    return model.eval(), first, last
-
-
-def reconstruction_errors(model, clips, budgets, steps=25):
-    """Mean squared error of decoding the first k tokens per frame, for each k in budgets."""
-    ids = model.encode(clips)
-    errors = {}
-    for k in budgets:
-        recon = model.decode(ids[..., :k], steps=steps, generator=torch.Generator().manual_seed(0))
-        errors[k] = (recon - clips).pow(2).mean().item()
-    return errors
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Overfit a tiny VideoFlexTok on 16 random clips (CPU demo).")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    cfg = TokenizerConfig.preset("tiny", latent_size=16, max_frames=1, registers=8, repa_dim=0, null_cond_prob=0.0)
-    clips = random_clips(seed=args.seed)
-    start = time.time()
-    model, first, last = overfit(cfg, clips, args.steps, log_every=250)
-    print(f"flow loss {first:.4f} -> {last:.4f} in {args.steps} steps ({time.time() - start:.0f} s)")
-    print("tokens/frame   reconstruction MSE (pixels in [-1, 1]; random guessing gives ~0.67)")
-    for k, err in reconstruction_errors(model, clips, [1, 2, 4, 8]).items():
-        print(f"{k:12d}   {err:.4f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -38,9 +38,23 @@ def layer_norm(x, eps=1e-5):
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps).type_as(x)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm (T5's layer norm, LLaMA's norm): scale by the root mean square (computed in fp32), no centring,
+    no bias; used by the AR model and T5."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(self.weight.dtype)
+
+
 ################################################################################
 # Layout and masks
-################################################################################
 
 @dataclass(frozen=True)
 class Layout:
@@ -178,7 +192,6 @@ def _compiled_flex():
 
 ################################################################################
 # Layers
-################################################################################
 
 class Attention(nn.Module):
     """Multi-head self-attention without biases, with per-head non-affine QK LayerNorm."""
@@ -279,7 +292,7 @@ def group_modulation(mod, layout, groups):
 
 
 class Transformer(nn.Module):
-    """A stack of blocks that share one mask kind; optionally returns one block's output."""
+    """A stack of blocks that share one mask kind."""
 
     def __init__(self, dim, depth, mask, cond_dim=None, groups=1):
         super().__init__()
@@ -291,29 +304,37 @@ class Transformer(nn.Module):
         # --activation-checkpointing), which lets larger batches fill a GPU.
         self.checkpointing = False
 
-    def forward(self, x, layout, cond=None, capture=None, cache=None):
-        """x: (B, S, D). Returns the output, and also the output of block `capture` if given.
+    def forward(self, x, layout, cond=None, cache=None):
+        """x: (B, S, D) -> (B, S, D).
 
         With a FrameCache, x holds only the last frame block of `layout` and the earlier ones are the cache's
         keys and values (SDPA with that block's rows of the mask, on every device); the cache takes this
         block's keys and values."""
+        return self._run(x, layout, cond, cache)[0]
+
+    def forward_with_features(self, x, layout, cond, layer):
+        """(output, output of block `layer` (0-based)), both (B, S, D): the decoder's REPA head reads the
+        features of an early block beside the decoder's own output."""
+        return self._run(x, layout, cond, None, layer)
+
+    def _run(self, x, layout, cond, cache, layer=None):
         if cache is not None:
             mask = last_block_mask(self.mask_kind, layout, str(x.device))
             layout = Layout(1, layout.patches, layout.registers)   # what x holds, for the blocks' modulation
         else:
             mask = attention_mask(self.mask_kind, layout, str(x.device), self.backend or default_backend(x.device))
-        captured = None
+        features = None
         recompute = self.checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, layout, cond, use_reentrant=False)
             else:
                 x = block(x, mask, layout, cond, None if cache is None else cache.layers[i])
-            if i == capture:
-                captured = x
+            if i == layer:
+                features = x
         if cache is not None:
             cache.frames += 1
-        return (x, captured) if capture is not None else x
+        return x, features
 
 
 def use_checkpointing(model, on=True):
@@ -335,11 +356,11 @@ class FrameCache:
 
 
 class TimestepEmbedder(nn.Module):
-    """Flow time t in [0, 1] -> vector: sinusoid of scale*t (max period 256, cos then sin), then MLP.
+    """Flow time t in [0, 1] -> vector: sinusoid of scale * t (max period 256, cos then sin), then MLP.
 
-    The scale of 1000 and the max period of 256 follow the official release (DiT uses t in
-    [0, 1000] and a period of 10000); the official module's scale is 1000 / max_timestep, a
-    config value. The scale is folded into the frequencies, as there, so that fp32 rounding agrees.
+    The scale of 1000 and the max period of 256 follow the official release (DiT uses t in [0, 1000] and a
+    period of 10000). The official module's scale is 1000 / max_timestep, a config value whose default, 1000,
+    gives a scale of 1. The scale is folded into the frequencies, as there, so that fp32 rounding agrees.
     """
 
     def __init__(self, dim, freq_dim=256, max_period=256, scale=1000.0):
@@ -356,7 +377,6 @@ class TimestepEmbedder(nn.Module):
 
 ################################################################################
 # Patches and positions
-################################################################################
 
 def patchify(latents, p):
     """(B, C, T, H, W) -> (B, T, (H/p)*(W/p), p*p*C), patches in raster order."""
@@ -373,18 +393,17 @@ def unpatchify(patches, p, C, grid):
     return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, C, T, h * p, w * p)
 
 
-POSITION_KINDS = ("learnable_sum", "learnable_prod", "sincos")
+POSITION_KINDS = ("learnable_sum", "sincos")
 
 
 class AxialPositionEmbedding(nn.Module):
     """Position embedding over a grid of axes: (t, y, x) for patches, (t, k) for decoder registers.
 
     The kinds are the official release's:
-    - "learnable_sum" (default): one learned vector per index of every axis, summed. It costs
-      sum(sizes) vectors of width D instead of their product;
-    - "learnable_prod": the same vectors, multiplied;
-    - "sincos": a fixed 2D sine-cosine table (MoCo v3), two axes only. It is a buffer, saved with
-      the weights, because the official files store it too.
+    - "learnable_sum" (default): one learned vector per index of every axis, summed. It costs sum(sizes)
+      vectors of width D instead of their product;
+    - "sincos": a fixed 2D sine-cosine table (MoCo v3), two axes only, so the decoder's (t, k) registers
+      alone may use it. It is a buffer, saved with the weights, because the official files store it too.
     """
 
     def __init__(self, dim, sizes, kind="learnable_sum"):
@@ -404,15 +423,14 @@ class AxialPositionEmbedding(nn.Module):
         """-> (lengths[0], prod(lengths[1:]), D): one vector per position, the first axis kept apart."""
         if self.kind == "sincos":
             return self.table[:lengths[0], :lengths[1]]
-        combine = torch.add if self.kind == "learnable_sum" else torch.mul
-        # Combined from the last axis backwards, ((y . x) . t), in the official order: the same
-        # numbers up to float rounding either way, but this way bit for bit.
+        # Summed from the last axis backwards, ((y + x) + t), in the official order: the same numbers up to
+        # float rounding either way, but this way bit for bit.
         pos = None
         for i in reversed(range(len(lengths))):
             shape = [1] * len(lengths) + [-1]
             shape[i] = lengths[i]
             axis = self.axes[i][:lengths[i]].view(shape)
-            pos = axis if pos is None else combine(axis, pos)
+            pos = axis if pos is None else axis + pos
         return pos.flatten(1, -2)
 
 

@@ -1,21 +1,23 @@
-"""Loading the official VideoFlexTok release (official.py, VideoFlexTok.from_pretrained, the VidTok VAE in the same
+"""Loading the official VideoFlexTok release (official.py, official.load_tokenizer, the VidTok VAE in the same
 file): official-format files with random weights are made here, with the official tensor names and shapes and the
 configuration in `__metadata__` in the official layout (str() of each argument of videoflextok.wrappers.VideoFlexTok).
 Every tensor must land where its name says; unrepresentable configurations, non-plain metadata and damaged files
 must be refused with a message saying what was found. The same files, run through the official inference code,
 give the same ids and velocities (checked once outside the test suite; see the README)."""
 import json
+import math
 import re
 import struct
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import official
 import sample
 import train_ar
-from data import make_synthetic, write_video
-from tokenizer import VideoFlexTok
+from synthetic import make_synthetic
+from video import write_video
 from vae import VidTokVAE
 
 PKG = "videoflextok."
@@ -151,7 +153,8 @@ def official_shapes(config):
         E + "enc_register_module.registers": (e["enc_register_module"]["t_max"], K, De),
         E + "enc_to_latents.proj.weight": (6, De), E + "enc_to_latents.proj.bias": (6,),
         Dc + "dec_from_latents.proj.weight": (Dd, 6), Dc + "dec_from_latents.proj.bias": (Dd,),
-        Dc + "dec_registers_posemb_module.posembs": (1, Dd, *registers["max_sizes"]) if registers["posemb_type"] == "sincos"
+        Dc + "dec_registers_posemb_module.posembs": (1, Dd, *registers["max_sizes"])
+        if registers.get("posemb_type", "sincos") == "sincos"
         else (2, 1, Dd, registers["max_sizes"][0]),
         Dc + "dec_nested_dropout.dropout_mask_token": (Dd,), Dc + "dec_prefix_masking.dropout_mask_token": (Dd,),
         Dc + "dec_latent_dropout.nullcond": (Dd,),
@@ -220,7 +223,7 @@ POSITIONS = {"encoder.module_dict.enc_posemb_module.posembs": "encoder.pos.axes"
 def test_every_official_tensor_lands_where_its_name_says(tmp_path, capsys):
     config = official_config()
     path, tensors = write_official(tmp_path / "model.safetensors", config)
-    tok = VideoFlexTok.from_pretrained(path, keep_repa=True)
+    tok = official.load_tokenizer(path, keep_repa=True)
     ours, landed = tok.state_dict(), set()
     for name, t in tensors.items():
         if name in POSITIONS:  # one (axes, 1, D, M) table -> one (M, D) vector table per axis
@@ -235,8 +238,8 @@ def test_every_official_tensor_lands_where_its_name_says(tmp_path, capsys):
     assert (cfg.enc_width, cfg.dec_width, cfg.enc_depth, cfg.dec_depth, cfg.registers, cfg.max_frames) == (64, 128, 1, 2, 8, 3)
     assert (cfg.latent_size, cfg.patch_size, cfg.enc_mask, cfg.dec_mask, cfg.time_scale) == (8, 1, "causal_registers",
                                                                                            "time_causal", 1000.0)
-    assert (cfg.register_masks, cfg.nested_dropout, cfg.null_cond_prob, cfg.square_positions) == (
-        ("nested", "prefix", "null"), "pow2", 0.1, True)
+    assert (cfg.nested_dropout, cfg.null_cond_prob, cfg.square_positions, cfg.register_pos_embedding) == (
+        "pow2", 0.1, True, "learnable_sum")
     assert (cfg.repa_dim, cfg.repa_depth, cfg.repa_layer) == (32, 1, 0)
     report = capsys.readouterr().out
     assert f"loaded {len(tensors)} official tensors" in report and "prefix_len = 1" in report  # training: noted
@@ -248,46 +251,106 @@ def test_every_official_tensor_lands_where_its_name_says(tmp_path, capsys):
     hub_tensors = {"video_tokenizer." + k: v for k, v in tensors.items()}
     write_safetensors(hub / "model.safetensors", hub_tensors, {"format": "pt"})
     (hub / "config.json").write_text(json.dumps({"video_flex_tok": config, "chunk_size": 17}))
-    inference = VideoFlexTok.from_pretrained(hub)
+    inference = official.load_tokenizer(hub)
     assert inference.decoder.repa_head is None and "dropped 8 REPA head tensors" in capsys.readouterr().out
     assert all(torch.equal(v, ours[k]) for k, v in inference.state_dict().items())
 
 
 def test_config_choices_become_config_fields(tmp_path):
     config = official_config(max_timestep=1000.0, dec_mask="full", repa=(16, 1))
-    # Another masking order (nested dropout moved after the null condition) and learned-product positions.
-    d = config["decoder"]["module_dict"]
-    order = [k for k in d if k != "dec_nested_dropout"]
-    order.insert(order.index("dec_latent_dropout") + 1, "dec_nested_dropout")
-    config["decoder"]["module_dict"] = d = {k: d[k] for k in order}
-    d["dec_patches_posemb_module"]["posemb_type"] = "learnable_prod"
-    config["encoder"]["module_dict"]["enc_posemb_module"]["posemb_type"] = "learnable_prod"
     config["flow_matching_noise_module"]["ln"] = False   # uniform training t
     path, _ = write_official(tmp_path / "m.safetensors", config)
     cfg = official.config_from_file(path)[0]
-    assert cfg.register_masks == ("prefix", "null", "nested") and cfg.time_scale == 1.0
+    assert cfg.time_scale == 1.0
     assert cfg.time_sampling == "uniform" and official.config_from_file(write_official(
         tmp_path / "ln.safetensors", official_config())[0])[0].time_sampling == "logit_normal"
-    assert cfg.dec_mask == "full" and cfg.pos_embedding == "learnable_prod" and cfg.repa_dim == 0
+    assert cfg.dec_mask == "full" and cfg.repa_dim == 0
     # The REPA head reads the decoder under another mask than ours would: dropping it is fine, keeping it is not.
     with pytest.raises(official.Unsupported, match="keep_repa=False"):
         official.config_from_file(path, keep_repa=True)
 
 
-def test_decoder_masking_order_changes_numbers_as_configured(tmp_path):
-    """The configured order is what runs: on a clean prefix frame, nested-then-prefix leaves only prefix tokens."""
+@pytest.mark.parametrize("max_timestep", [1.0, 250.0, None])   # None: absent, the official default 1000
+def test_timestep_embedding_scales_t_by_1000_over_max_timestep(tmp_path, max_timestep):
+    """The official TimestepEmbedder, written out: MLP(cos, sin of t * 1000 / max_timestep * 256^(-i/128))."""
+    config = official_config(max_timestep=max_timestep)
+    if max_timestep is None:
+        config["decoder"]["module_dict"]["dec_time_embedder"].pop("max_timestep")
+    path, tensors = write_official(tmp_path / "m.safetensors", config)
+    tok = official.load_tokenizer(path)
+    assert tok.cfg.time_scale == 1000.0 / (max_timestep or 1000.0)
+    t = torch.tensor([0.0, 0.3, 1.0])
+    freqs = 1000.0 / (max_timestep or 1000.0) * torch.exp(-math.log(256) * torch.arange(128) / 128)
+    args = t[:, None] * freqs
+    w = {k.rsplit("dec_time_embedder.", 1)[1]: v for k, v in tensors.items() if "dec_time_embedder." in k}
+    hidden = F.silu(F.linear(torch.cat([args.cos(), args.sin()], dim=-1), w["mlp.0.weight"], w["mlp.0.bias"]))
+    with torch.no_grad():
+        torch.testing.assert_close(tok.decoder.time(t), F.linear(hidden, w["mlp.2.weight"], w["mlp.2.bias"]))
+
+
+def test_sincos_register_positions_the_official_default_load_from_the_file(tmp_path):
+    """A register posemb without posemb_type gets the official default, a fixed (1, D, t_max, K) sincos table:
+    it is loaded from the file (not squared like the learned tables) and added to the register tokens."""
     config = official_config()
+    registers = config["decoder"]["module_dict"]["dec_registers_posemb_module"]
+    registers.pop("posemb_type")
+    registers["max_sizes"] = [3, 8]
+    path, tensors = write_official(tmp_path / "m.safetensors", config)
+    tok = official.load_tokenizer(path)
+    assert tok.cfg.register_pos_embedding == "sincos" and tok.cfg.square_positions  # the patch tables stay square
+    table = tensors["decoder.module_dict.dec_registers_posemb_module.posembs"][0].permute(1, 2, 0)
+    assert torch.equal(tok.state_dict()["decoder.register_pos.table"], table)
+    assert not any(k.startswith("decoder.register_pos.axes") for k in tok.state_dict())
+    codes = tok.encoder.fsq.ids_to_codes(torch.randint(0, 64000, (1, 2, 8)))
+    with torch.no_grad():
+        assert torch.equal(tok.decoder.embed_registers(codes), tok.decoder.from_codes(codes) + table[:2])
+
+
+def moved_after(modules, name, after):
+    """The module dict with `name` moved to just after `after`."""
+    order = [k for k in modules if k != name]
+    order.insert(order.index(after) + 1, name)
+    return {k: modules[k] for k in order}
+
+
+@pytest.mark.parametrize("change, message", [
+    # Settings the official modules offer but no known release file uses: refused, naming the setting and value.
+    (lambda c: c["encoder"]["module_dict"]["enc_posemb_module"].update(posemb_type="learnable_prod"),
+     "enc_posemb_module: posemb_type = 'learnable_prod' is not supported"),
+    (lambda c: c["decoder"]["module_dict"]["dec_registers_posemb_module"].update(posemb_type="learnable_prod"),
+     "dec_registers_posemb_module: posemb_type = 'learnable_prod' is not supported on the registers"),
+    # The official default, sincos, is a 2-D table: a video's (t, y, x) patch positions cannot use it.
+    (lambda c: c["decoder"]["module_dict"]["dec_patches_posemb_module"].pop("posemb_type"),
+     r"dec_patches_posemb_module: posemb_type = 'sincos' is not supported on the patches .*2-D .*3 axes"),
+    (lambda c: c["decoder"]["module_dict"]["dec_time_embedder"].update(max_timestep=0.0),
+     r"dec_time_embedder: max_timestep = 0.0 is not supported \(only a positive finite number\)"),
+    (lambda c: c["decoder"].update(module_dict=moved_after(c["decoder"]["module_dict"], "dec_nested_dropout",
+                                                           "dec_latent_dropout")),
+     r"replaces the register tokens by prefix, null, nested\); ours .*: nested dropout, clean-prefix masking and the "
+     "null condition, each once, in that order"),
+    (lambda c: c["decoder"]["module_dict"].pop("dec_prefix_masking"), r"replaces the register tokens by nested, null\)"),
+])
+def test_settings_no_release_file_uses_are_refused_by_name(tmp_path, change, message):
+    config = official_config()
+    change(config)
     path, _ = write_official(tmp_path / "m.safetensors", config)
-    tok = VideoFlexTok.from_pretrained(path)
+    with pytest.raises(official.Unsupported, match=message):
+        official.load_tokenizer(path)
+
+
+def test_decoder_replaces_register_tokens_in_the_official_module_order(tmp_path):
+    """Nested dropout, then the clean prefix frames, then the null condition: on a clean prefix frame the dropped
+    slots hold the prefix token too, and the null condition replaces everything."""
+    path, _ = write_official(tmp_path / "m.safetensors", official_config())
+    tok = official.load_tokenizer(path)
     codes = tok.encoder.fsq.ids_to_codes(torch.randint(0, 64000, (1, 2, 8)))
     keep, prefix = torch.tensor([2]), torch.tensor([1])
     r = tok.decoder.embed_registers(codes, keep, prefix)
     assert torch.equal(r[0, 0], tok.decoder.prefix_token.expand(8, -1))
     assert torch.equal(r[0, 1, 2:], tok.decoder.mask_token.expand(6, -1))
-    tok.cfg.register_masks = ("prefix", "nested", "null")
-    r = tok.decoder.embed_registers(codes, keep, prefix)
-    assert torch.equal(r[0, 0, :2], tok.decoder.prefix_token.expand(2, -1))
-    assert torch.equal(r[0, 0, 2:], tok.decoder.mask_token.expand(6, -1))
+    assert not torch.equal(r[0, 1, :2], tok.decoder.mask_token.expand(2, -1))
+    r = tok.decoder.embed_registers(codes, keep, prefix, null=torch.tensor([True]))
+    assert torch.equal(r[0], tok.decoder.null_token.expand(2, 8, -1))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -308,7 +371,7 @@ def test_configurations_we_cannot_represent_are_refused(tmp_path, change, messag
     change(config)
     path = write_safetensors(tmp_path / "m.safetensors", {}, {k: str(v) for k, v in config.items()})
     with pytest.raises(official.Unsupported, match=message):
-        VideoFlexTok.from_pretrained(path)
+        official.load_tokenizer(path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -325,7 +388,7 @@ def test_metadata_other_than_plain_configuration_is_refused(tmp_path, change, me
     change(metadata)
     path = write_safetensors(tmp_path / "m.safetensors", {}, metadata)
     with pytest.raises(ValueError, match=message):
-        VideoFlexTok.from_pretrained(path)
+        official.load_tokenizer(path)
 
 
 def test_missing_unknown_and_mis_shaped_tensors_are_listed(tmp_path):
@@ -340,7 +403,7 @@ def test_missing_unknown_and_mis_shaped_tensors_are_listed(tmp_path):
              ({**tensors, name: torch.zeros(3, 3)}, "shape mismatches.*blocks.1.mlp.w2.weight")]
     for i, (case, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message):
-            VideoFlexTok.from_pretrained(write_safetensors(tmp_path / f"{i}.safetensors", case, metadata))
+            official.load_tokenizer(write_safetensors(tmp_path / f"{i}.safetensors", case, metadata))
 
 
 def test_damaged_files_are_refused(tmp_path):
@@ -356,9 +419,9 @@ def test_damaged_files_are_refused(tmp_path):
     (tmp_path / "outside.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
     for name, message in [("text", "header length"), ("cut", "truncated"), ("outside", "starts at data byte")]:
         with pytest.raises(ValueError, match=message):
-            VideoFlexTok.from_pretrained(tmp_path / f"{name}.safetensors")
+            official.load_tokenizer(tmp_path / f"{name}.safetensors")
     with pytest.raises(FileNotFoundError):
-        VideoFlexTok.from_pretrained(tmp_path / "absent.safetensors")
+        official.load_tokenizer(tmp_path / "absent.safetensors")
 
 
 def test_vae_loads_from_the_official_file_and_sample_reconstructs(tmp_path, monkeypatch):

@@ -1,12 +1,13 @@
 """Encoder, decoder and the VideoFlexTok API: causality, nested dropout, guidance, sizes, bad input."""
+import re
+
 import pytest
 import torch
 
 from decoder import APG, guide, repa_loss, sample_keep_k
-from transformer import Transformer, use_checkpointing
+from transformer import Transformer, sincos_2d, use_checkpointing
 from vae import PixelVAE
-from tokenizer import (TokenizerConfig, VideoFlexTok, budget_psnr, choose_budgets, greedy_budgets, overfit, random_clips,
-                       reconstruction_errors)
+from tokenizer import TokenizerConfig, VideoFlexTok, budget_psnr, choose_budgets, greedy_budgets
 
 
 def small_config(**overrides):
@@ -392,6 +393,45 @@ def test_bad_input_names_the_problem(model):
         TokenizerConfig.preset("d99")
 
 
+def random_clips(n=16, frames=1, size=16, seed=0):
+    """n clips (n, 3, T, size, size) of uniform random pixels in [-1, 1], static over time.
+
+    Random pixels are the hard case for a tokenizer: nothing about a clip can be guessed from a
+    noised version of its neighbourhood, so the decoder must rely on the tokens, and one token
+    cannot carry a whole clip, so more tokens must give better reconstructions.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, 1, size, size, generator=g) * 2 - 1).expand(-1, -1, frames, -1, -1).contiguous()
+
+
+def overfit(cfg, clips, steps, lr=3e-3):
+    """Train a tokenizer on one batch (pixels as latents) with a linearly decaying learning rate.
+    Returns the model and its first and last flow loss."""
+    model = VideoFlexTok(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+    first = last = None
+    for _ in range(steps):
+        loss = model(clips)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        first = loss.item() if first is None else first
+        last = loss.item()
+    return model.eval(), first, last
+
+
+def reconstruction_errors(model, clips, budgets, steps=25):
+    """Mean squared error of decoding the first k tokens per frame, for each k in budgets."""
+    ids = model.encode(clips)
+    errors = {}
+    for k in budgets:
+        recon = model.decode(ids[..., :k], steps=steps, generator=torch.Generator().manual_seed(0))
+        errors[k] = (recon - clips).pow(2).mean().item()
+    return errors
+
+
 def test_tiny_tokenizer_overfits_and_its_tokens_carry_the_clips():
     """Sixteen random-pixel clips, 1500 CPU steps: the flow loss falls at least 5x, decoding from
     the tokens reconstructs the clips (far closer than an unrelated clip), and more tokens are not
@@ -427,3 +467,32 @@ def test_checkpoints_load_with_or_without_the_training_only_repa_head(tmp_path):
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a train_tok.py checkpoint"):
         VideoFlexTok.from_checkpoint(tmp_path / "other.pt")
+
+
+def test_configs_of_earlier_checkpoints_load_and_settings_we_no_longer_compute_are_refused():
+    import dataclasses
+    stored = {**dataclasses.asdict(small_config()), "pos_embedding": "learnable_sum",
+              "register_masks": ["nested", "prefix", "null"]}
+    assert TokenizerConfig.from_dict(stored) == small_config()
+    for name, value in [("pos_embedding", "learnable_prod"), ("register_masks", ["prefix", "nested", "null"])]:
+        with pytest.raises(ValueError, match=re.escape(f"{name} = {value!r}; this version computes only {name} = ")):
+            TokenizerConfig.from_dict({**stored, name: value})
+    # The options an official file's defaults need are fields: kept as stored.
+    official = {**stored, "register_pos_embedding": "sincos", "time_scale": 1.0}
+    assert TokenizerConfig.from_dict(official) == small_config(register_pos_embedding="sincos", time_scale=1.0)
+    with pytest.raises(ValueError, match="register_pos_embedding must be one of .*; got 'learnable_prod'"):
+        VideoFlexTok(small_config(register_pos_embedding="learnable_prod"))
+
+
+def test_sincos_register_positions_and_the_time_scale():
+    """register_pos_embedding="sincos": a fixed (t, k) table, never squared, no learned vectors; time_scale
+    scales the timestep sinusoid."""
+    model = VideoFlexTok(small_config(register_pos_embedding="sincos", square_positions=True, time_scale=1.0))
+    D = model.cfg.dec_width
+    assert torch.equal(model.decoder.register_pos.table, sincos_2d(D, 5, 8))
+    assert torch.equal(model.decoder.register_pos(2, 8), sincos_2d(D, 5, 8)[:2])
+    assert not any("register_pos" in name for name, _ in model.named_parameters())
+    assert [len(axis) for axis in model.decoder.pos.axes] == [5, 5, 5]   # the learned patch table is squared
+    default = VideoFlexTok(small_config())
+    torch.testing.assert_close(model.decoder.time.freqs * 1000.0, default.decoder.time.freqs)
+    assert torch.isfinite(model(latents(B=1, T=2))["loss"])

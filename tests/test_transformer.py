@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 
-from transformer import Block, Layout, Transformer, attention_mask, dense_mask, patchify, unpatchify
+from transformer import (AxialPositionEmbedding, Block, Layout, Transformer, attention_mask, dense_mask, patchify,
+                         sincos_2d, unpatchify)
 
 LAYOUTS = [Layout(1, 4, 3), Layout(3, 4, 2), Layout(5, 16, 8), Layout(2, 9, 0), Layout(4, 1, 5)]
 
@@ -85,3 +86,28 @@ def test_patchify_roundtrip():
     assert torch.equal(unpatchify(patches, 4, 5, (2, 3)), x)
     # Raster order: patch 1 is the top row's second patch.
     assert torch.equal(patches[0, 0, 1].view(4, 4, 5), x[0, :, 0, :4, 4:8].permute(1, 2, 0))
+
+
+def test_forward_with_features_gives_the_output_and_one_blocks_output():
+    torch.manual_seed(0)
+    layout = Layout(2, 4, 3)
+    model = Transformer(64, 3, "time_causal", cond_dim=16, groups=2).eval()
+    for p in model.parameters():  # adaLN-zero would make every block the identity
+        torch.nn.init.normal_(p, std=0.1)
+    x, cond = torch.randn(2, layout.length, 64), torch.randn(2, 16)
+    mask = attention_mask("time_causal", layout, "cpu", "sdpa")
+    with torch.no_grad():
+        out, features = model.forward_with_features(x, layout, cond, 1)
+        by_hand = model.blocks[1](model.blocks[0](x, mask, layout, cond), mask, layout, cond)
+        assert torch.equal(out, model(x, layout, cond)) and torch.equal(features, by_hand)
+
+
+def test_sincos_table_is_the_2d_sine_cosine_layout_and_takes_two_axes_only():
+    table = sincos_2d(8, 4, 4)
+    i, j, w = 3, 1, 1.0 / 10000.0 ** (torch.arange(2) / 2)
+    assert torch.allclose(table[i, j], torch.cat([(i * w).sin(), (i * w).cos(), (j * w).sin(), (j * w).cos()]))
+    assert sincos_2d(8, 3, 5).shape == (3, 5, 8)
+    with pytest.raises(ValueError, match="sincos position embeddings need 2 axes"):
+        AxialPositionEmbedding(8, (2, 4, 4), "sincos")
+    with pytest.raises(ValueError, match="position embedding kind must be one of"):
+        AxialPositionEmbedding(8, (2, 4), "learnable_prod")
