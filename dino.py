@@ -30,9 +30,6 @@ Darcet et al., "Vision Transformers Need Registers" (2023); Yu et al., "Represen
 for Generation" (REPA, 2025); the facebookresearch/dinov2 repository and the Hugging Face
 transformers DINOv2 models (facts on layout and numerics only).
 """
-
-from __future__ import annotations
-
 import json
 import math
 import re
@@ -49,6 +46,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+################################################################################
+# The network
+
 @dataclass(frozen=True)
 class DinoConfig:
     dim: int = 768
@@ -64,7 +64,7 @@ class DinoConfig:
     eps: float = 1e-6
 
 
-def _with_registers(cfg: DinoConfig) -> DinoConfig:
+def _with_registers(cfg):
     # The official `_reg` constructors also switch to the size-based, antialiased resize rule.
     return replace(cfg, num_registers=4, interpolate_offset=0.0, interpolate_antialias=True)
 
@@ -81,7 +81,7 @@ PRESETS = {**_BASE, **{f"{name}_reg4": _with_registers(cfg) for name, cfg in _BA
 
 
 class _PatchEmbed(nn.Module):
-    def __init__(self, cfg: DinoConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.proj = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
 
@@ -90,7 +90,7 @@ class _PatchEmbed(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: DinoConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.heads = cfg.heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
@@ -104,7 +104,7 @@ class _Attention(nn.Module):
 
 
 class _LayerScale(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim))
 
@@ -113,7 +113,7 @@ class _LayerScale(nn.Module):
 
 
 class _Mlp(nn.Module):
-    def __init__(self, cfg: DinoConfig):
+    def __init__(self, cfg):
         super().__init__()
         hidden = int(cfg.dim * cfg.mlp_ratio)
         self.fc1 = nn.Linear(cfg.dim, hidden)
@@ -124,7 +124,7 @@ class _Mlp(nn.Module):
 
 
 class _SwiGLU(nn.Module):
-    def __init__(self, cfg: DinoConfig):
+    def __init__(self, cfg):
         super().__init__()
         # Two thirds of the MLP width, rounded up to a multiple of 8 (4096 for ViT-g).
         hidden = (int(cfg.dim * cfg.mlp_ratio * 2 / 3) + 7) // 8 * 8
@@ -137,7 +137,7 @@ class _SwiGLU(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, cfg: DinoConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.attn = _Attention(cfg)
@@ -161,7 +161,7 @@ class DinoV2(nn.Module):
     attributes (initialised from the config), so it can be switched on a loaded model.
     """
 
-    def __init__(self, cfg: DinoConfig):
+    def __init__(self, cfg):
         super().__init__()
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"img_size={cfg.img_size} must be a multiple of patch_size={cfg.patch_size}")
@@ -183,7 +183,7 @@ class DinoV2(nn.Module):
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
 
-    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+    def _pos_embed(self, h, w):
         grid = math.isqrt(self.pos_embed.shape[1] - 1)
         if (h, w) == (grid, grid):
             return self.pos_embed
@@ -200,7 +200,7 @@ class DinoV2(nn.Module):
         patch_pos = patch_pos.flatten(2).transpose(1, 2)
         return torch.cat([cls_pos, patch_pos], dim=1).to(self.pos_embed.dtype)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         p = self.patch_size
@@ -218,7 +218,7 @@ class DinoV2(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_features(self, images):
         """The official `forward_features` outputs (without the pre-norm tokens)."""
         x = self.forward(images)
         r = self.cfg.num_registers
@@ -226,7 +226,7 @@ class DinoV2(nn.Module):
                 "x_norm_patchtokens": x[:, 1 + r:]}
 
 
-# ----------------------------------------------------------------------------------------------
+################################################################################
 # Loading
 
 # Hugging Face on-disk names (legacy names, which transformers keeps in files even where v5
@@ -246,7 +246,7 @@ _HF_TOP = {
 }
 
 
-def _hf_to_official(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _hf_to_official(hf):
     """Translate HF names; unknown keys are kept as they are so the key check reports them."""
     out, qkv = {}, {}
     for key, value in hf.items():
@@ -270,7 +270,7 @@ def _hf_to_official(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+def _read_weights(file):
     if file.suffix == ".safetensors":
         state = load_safetensors(file)
     else:
@@ -280,7 +280,7 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_prefixes(state):
     # DataParallel saves add "module.", Dinov2ForImageClassification adds "dinov2.".
     out = {}
     for key, value in state.items():
@@ -290,7 +290,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _infer_config(state: dict[str, torch.Tensor], hf_config: dict | None) -> DinoConfig:
+def _infer_config(state, hf_config):
     missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in state]
     if missing:
         raise ValueError(f"not a DINOv2 checkpoint: missing {missing} "
@@ -312,8 +312,7 @@ def _infer_config(state: dict[str, torch.Tensor], hf_config: dict | None) -> Din
     return replace(cfg, interpolate_offset=0.0, interpolate_antialias=True) if registers else cfg
 
 
-def load_dinov2(path: str | Path, *, interpolate_offset: float | None = None,
-                interpolate_antialias: bool | None = None) -> DinoV2:
+def load_dinov2(path, *, interpolate_offset=None, interpolate_antialias=None):
     """Build a DINOv2 from a checkpoint and load it with strict checking; returns it in eval mode.
 
     `path` is either an official hub file (`dinov2_vitb14_pretrain.pth` etc.) or a Hugging Face
@@ -356,39 +355,35 @@ def load_dinov2(path: str | Path, *, interpolate_offset: float | None = None,
     return model.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------
+################################################################################
 # REPA targets
 
 VAE_TIME_STRIDE = 4  # causal VAE: latent frame 0 <- RGB frame 0, latent frame j <- 4j-3..4j
 
 
 @torch.no_grad()
-def repa_targets(video: torch.Tensor, model: DinoV2, grid: tuple[int, int], *,
-                 resolution: int | tuple[int, int] | None = None, align: str = "mean",
-                 chunk: int = 32) -> torch.Tensor:
+def repa_targets(video, model, grid, *, resolution=None, align="mean", chunk=32):
     """DINOv2 REPA targets for each latent frame, on the decoder's patch-token grid.
 
-    Args:
-        video: (B, 3, T, H, W) RGB in [-1, 1] with T = 4k + 1 (what the causal 4x8x8 VAE takes).
-        model: a DinoV2 (e.g. from `load_dinov2`).
-        grid: (h, w) token grid of the decoder's REPA head, (H / 8 / p, W / 8 / p) for patch
-            size p; e.g. (16, 16) for 256x256 video with p = 2.
-        resolution: DINOv2 input size (int or (height, width)), multiples of the patch size 14.
-            Default 14 * grid, so the DINOv2 patch grid equals the token grid exactly (224x224
-            for a 16x16 grid). Otherwise the features are resized to the grid (bilinear,
-            antialiased when shrinking).
-        align: how RGB frames map to latent frames. Latent frame 0 always takes RGB frame 0.
-            "mean" (default): latent frame j >= 1 takes the mean of the features of RGB frames
-            4j-3..4j. The latent frame summarises those four frames and the decoder
-            reconstructs all four from it, so the target covers all of them, like the VAE's
-            own temporal pooling. "last": it takes RGB frame 4j only (4x cheaper; the newest
-            frame the causal latent has seen).
-        chunk: frames per DINOv2 forward pass (bounds memory).
+    `video` is (B, 3, T, H, W) RGB in [-1, 1] with T = 4k + 1 (what the causal 4x8x8 VAE takes),
+    `model` a DinoV2 (e.g. from `load_dinov2`) and `grid` the (h, w) token grid of the decoder's
+    REPA head, (H / 8 / p, W / 8 / p) for patch size p; e.g. (16, 16) for 256x256 video with
+    p = 2. The result is (B, T_latent, h * w, D) with T_latent = k + 1 and D the DINOv2 width, the
+    tokens of each latent frame in row-major (h, w) order. These are the patch tokens after
+    DINOv2's final LayerNorm (not L2-normalised: the REPA cosine loss normalises both sides).
 
-    Returns:
-        (B, T_latent, h * w, D) with T_latent = k + 1, D the DINOv2 width, the tokens of each
-        latent frame in row-major (h, w) order. These are the patch tokens after DINOv2's final
-        LayerNorm (not L2-normalised: the REPA cosine loss normalises both sides).
+    `resolution` is the DINOv2 input size (int or (height, width)), multiples of the patch size
+    14. By default it is 14 * grid, so the DINOv2 patch grid equals the token grid exactly
+    (224x224 for a 16x16 grid). Otherwise the features are resized to the grid (bilinear,
+    antialiased when shrinking).
+
+    `align` says how RGB frames map to latent frames. Latent frame 0 always takes RGB frame 0.
+    With "mean" (default), latent frame j >= 1 takes the mean of the features of RGB frames
+    4j-3..4j. The latent frame summarises those four frames and the decoder reconstructs all four
+    from it, so the target covers all of them, like the VAE's own temporal pooling. With "last",
+    it takes RGB frame 4j only (4x cheaper; the newest frame the causal latent has seen).
+
+    `chunk` is the number of frames per DINOv2 forward pass (it bounds memory).
 
     Frames are mapped to [0, 1], ImageNet-normalised and resized with antialiased bicubic
     interpolation to `resolution` (stretching if the aspect ratio differs). The model's

@@ -22,10 +22,6 @@ Action Recognition?" (I3D, 2017); piergiaj/pytorch-i3d (module layout), VideoGPT
 conversion), StyleGAN-V (FVD protocol notes); TF-GAN `trace_sqrt_product` (the eigenvalue form of
 the trace term). Facts only; the code is written from scratch.
 """
-
-from __future__ import annotations
-
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -37,6 +33,10 @@ from checkpoint import check_state_dict, torch_load
 MIN_FRAMES = 9
 I3D_SIZE = 224
 NUM_CLASSES = 400
+
+
+################################################################################
+# The I3D network
 
 # Inception modules: input channels and the widths of
 # [branch 0 (1x1), branch 1 (1x1 -> 3x3x3), branch 2 (1x1 -> 3x3x3), branch 3 (pool -> 1x1)].
@@ -53,7 +53,7 @@ _MIXED = {
 }
 
 
-def _same_pad(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int]) -> torch.Tensor:
+def _same_pad(x, kernel, stride):
     """TF "SAME" padding of (T, H, W): output size ceil(n / s), odd padding's extra at the end."""
     pads = []
     for n, k, s in zip(x.shape[-3:], kernel, stride):
@@ -72,7 +72,7 @@ def _max_pool(x, kernel, stride):
 class _FrozenBatchNorm(nn.Module):
     """Inference-only BatchNorm3d with the usual state-dict names (FVD never trains I3D)."""
 
-    def __init__(self, channels: int, eps: float):
+    def __init__(self, channels, eps):
         super().__init__()
         self.eps = eps
         self.register_buffer("weight", torch.ones(channels))
@@ -122,7 +122,7 @@ class I3D(nn.Module):
     copies of this network.
     """
 
-    def __init__(self, eps: float = 1e-3):
+    def __init__(self, eps=1e-3):
         super().__init__()
         self.Conv3d_1a_7x7 = _Unit3D(3, 64, (7, 7, 7), (2, 2, 2), eps)
         self.Conv3d_2b_1x1 = _Unit3D(64, 64, eps=eps)
@@ -131,7 +131,7 @@ class I3D(nn.Module):
             setattr(self, name, _Mixed(cin, widths, eps))
         self.logits = _Unit3D(1024, NUM_CLASSES, logits=True)
 
-    def logits_per_step(self, x: torch.Tensor) -> torch.Tensor:
+    def logits_per_step(self, x):
         """Logits before the temporal mean: (B, 400, T''), T'' = ceil(ceil(ceil(T/2)/2)/2) - 1."""
         x = self.Conv3d_1a_7x7(x)
         x = _max_pool(x, (1, 3, 3), (1, 2, 2))
@@ -146,7 +146,7 @@ class I3D(nn.Module):
         x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # VALID: 7x7 -> 1x1 at 224 px
         return self.logits(x).flatten(2)  # dropout before the logits is a no-op at inference
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         if x.ndim != 5 or x.shape[1] != 3 or x.shape[-2:] != (I3D_SIZE, I3D_SIZE):
             raise ValueError(f"I3D input must be (B, 3, T, {I3D_SIZE}, {I3D_SIZE}), got {tuple(x.shape)}; "
                              "resize with preprocess_videos")
@@ -155,7 +155,7 @@ class I3D(nn.Module):
         return self.logits_per_step(x).mean(dim=2)
 
 
-def load_i3d(path: str | Path, *, eps: float = 1e-3) -> I3D:
+def load_i3d(path, *, eps=1e-3):
     """Load `i3d_pretrained_400.pt` (pytorch-i3d layout) with strict checking; eval mode, frozen."""
     path = Path(path)
     if not path.is_file():
@@ -173,7 +173,10 @@ def load_i3d(path: str | Path, *, eps: float = 1e-3) -> I3D:
     return model.eval().requires_grad_(False)
 
 
-def _tf_resize_matrix(n: int, size: int) -> torch.Tensor:
+################################################################################
+# Preprocessing: TF1 resizing to 224x224
+
+def _tf_resize_matrix(n, size):
     """(size, n) matrix of TF1 `resize_bilinear` along one axis: source = out_index * n / size
     (no half-pixel offset), blending the two neighbouring pixels, clamped at the last one."""
     src = torch.arange(size, dtype=torch.float64) * (n / size)
@@ -186,7 +189,7 @@ def _tf_resize_matrix(n: int, size: int) -> torch.Tensor:
     return weights
 
 
-def preprocess_videos(videos: torch.Tensor, resize: str = "tf") -> torch.Tensor:
+def preprocess_videos(videos, resize="tf"):
     """(B, 3, T, H, W) videos, float in [-1, 1] or uint8 in [0, 255] -> I3D input, clamped to [-1, 1].
 
     `resize="tf"` (default) reproduces the original FVD's TF1 bilinear resize to 224x224
@@ -211,6 +214,9 @@ def preprocess_videos(videos: torch.Tensor, resize: str = "tf") -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+################################################################################
+# Feature statistics and the Fréchet distance
+
 class FeatureStats:
     """Streaming mean and covariance of feature vectors, accumulated in float64.
 
@@ -223,7 +229,8 @@ class FeatureStats:
         self._mean = None
         self._m2 = None  # sum of outer products of deviations from the mean
 
-    def update(self, features: torch.Tensor) -> FeatureStats:
+    def update(self, features):
+        """Fold in a batch of features (N, D); returns self."""
         if features.ndim != 2 or len(features) == 0:
             raise ValueError(f"features must be a non-empty (N, D) matrix, got {tuple(features.shape)}")
         f = features.detach().to("cpu", torch.float64)
@@ -243,19 +250,19 @@ class FeatureStats:
         return self
 
     @property
-    def mean(self) -> torch.Tensor:
+    def mean(self):
         if self.n < 2:
             raise ValueError(f"need at least 2 samples for Fréchet statistics, got {self.n}")
         return self._mean
 
     @property
-    def covariance(self) -> torch.Tensor:
+    def covariance(self):
         if self.n < 2:
             raise ValueError(f"need at least 2 samples for Fréchet statistics, got {self.n}")
         return self._m2 / (self.n - 1)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
     Tr((S1 S2)^(1/2)) is the sum of square roots of the eigenvalues of S1 S2, which equal those
@@ -275,13 +282,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
 
 
-def frechet_distance_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+def frechet_distance_from_stats(a, b):
+    """Fréchet distance between the Gaussians of two FeatureStats, as a float."""
     return frechet_distance(a.mean, a.covariance, b.mean, b.covariance)
 
 
+################################################################################
+# FVD of video sets
+
 @torch.no_grad()
-def video_stats(videos: torch.Tensor | Iterable[torch.Tensor], i3d: I3D, *, batch_size: int = 8,
-                resize: str = "tf", stats: FeatureStats | None = None) -> FeatureStats:
+def video_stats(videos, i3d, *, batch_size=8, resize="tf", stats=None):
     """I3D feature statistics of a video set, streamed batch by batch.
 
     `videos` is a (N, 3, T, H, W) tensor or any iterable of such batches (e.g. a DataLoader),
@@ -301,7 +311,7 @@ def video_stats(videos: torch.Tensor | Iterable[torch.Tensor], i3d: I3D, *, batc
     return stats
 
 
-def fvd(real_videos, fake_videos, i3d: I3D, *, batch_size: int = 8, resize: str = "tf") -> float:
+def fvd(real_videos, fake_videos, i3d, *, batch_size=8, resize="tf"):
     """FVD between two video sets; each is a tensor, an iterable of batches or a FeatureStats.
 
     Videos are (N, 3, T, H, W), float in [-1, 1] or uint8, T >= 9 (16 is the standard clip

@@ -16,7 +16,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)
 
 
-def _hf_model(registers: bool):
+def _hf_model(registers):
     torch.manual_seed(1 + registers)
     if registers:
         cfg = transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **TINY)

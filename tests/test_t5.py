@@ -1,6 +1,6 @@
-"""Tests for checkpoint.py's safetensors reader and t5.py: T5 encoder parity with `transformers`,
-tokenizer parity with `tokenizers` (both tokenizer.json layouts), and clear errors on bad input.
-CPU, random weights."""
+"""Tests for checkpoint.py's safetensors reader, t5.py and t5_tokenizer.py: T5 encoder parity with
+`transformers`, tokenizer parity with `tokenizers` (both tokenizer.json layouts), and clear errors
+on bad input. CPU, random weights."""
 
 import base64
 import json
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import t5
+import t5_tokenizer
 from checkpoint import load_safetensors, load_safetensors_metadata
 
 # A SentencePiece `precompiled_charsmap` (the binary normaliser T5's tokenizer.json embeds),
@@ -58,7 +59,7 @@ SMALL_CHARSMAP = base64.b64decode(
 )
 
 
-# ------------------------------------------------------------------------------------------------
+################################################################################
 # safetensors reader
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -146,7 +147,7 @@ def test_safetensors_well_formed_handmade_file_loads(tmp_path):
     assert torch.equal(tensors["b"], torch.tensor([1, 2, 3, 4], dtype=torch.int8))
 
 
-# ------------------------------------------------------------------------------------------------
+################################################################################
 # Encoder
 
 
@@ -216,7 +217,7 @@ def test_encoder_bf16_rounds_like_transformers(tmp_path):
     assert (got.float() - expected.float()).abs()[mask].max() <= 0.1 * bf16_error
 
 
-# ------------------------------------------------------------------------------------------------
+################################################################################
 # Tokenizer
 
 WORDS = ("the a an of and to in is was for on with as by at from that this it video text model "
@@ -294,7 +295,7 @@ def test_tokenizer_matches_tokenizers(layout, normalizer, scheme):
     from tokenizers import Tokenizer
 
     spec = _hf_tokenizer(layout, normalizer, scheme)
-    reference, ours = Tokenizer.from_str(json.dumps(spec)), t5.T5Tokenizer(spec)
+    reference, ours = Tokenizer.from_str(json.dumps(spec)), t5_tokenizer.T5Tokenizer(spec)
     prompts = _prompts()
     expected = [e.ids for e in reference.encode_batch(prompts)]
     assert [ours.encode(p) for p in prompts] == expected
@@ -312,7 +313,8 @@ def test_tokenizer_matches_tokenizers(layout, normalizer, scheme):
 def test_precompiled_normaliser_matches_tokenizers():
     from tokenizers import normalizers
 
-    reference, ours = normalizers.Precompiled(SMALL_CHARSMAP), t5._Charsmap(SMALL_CHARSMAP)
+    reference = normalizers.Precompiled(SMALL_CHARSMAP)
+    ours = t5_tokenizer._Charsmap(SMALL_CHARSMAP)
     samples = [chr(c) for c in range(0x3100) if not 0xD800 <= c < 0xE000]
     samples += ["ＡＢＣ", "ﬁ\u0301x", "ﬁ\u0301\u0301", "e\u0301\u0301", "\r\n", "a\u200d",
                 "x\u0600y", "\x01\u0301", "①\u0308", "ｶﾞｷﾟ", "\U0001F44D\U0001F3FD", "e\u0301" * 4]
@@ -322,7 +324,7 @@ def test_precompiled_normaliser_matches_tokenizers():
 
 
 def test_tokenizer_pads_to_longest_and_truncates():
-    tok = t5.T5Tokenizer(_hf_tokenizer("new", "nfkc"))
+    tok = t5_tokenizer.T5Tokenizer(_hf_tokenizer("new", "nfkc"))
     ids, mask = tok(["the cat", "the " * 50], max_length=8, padding="longest")
     assert ids.shape == (2, 8) and ids[1, -1] == 1 and mask[1].all()
     ids, mask = tok(["the cat", "a"], max_length=64, padding="longest")
@@ -330,7 +332,7 @@ def test_tokenizer_pads_to_longest_and_truncates():
     assert ids[~mask].eq(0).all()
 
 
-# ------------------------------------------------------------------------------------------------
+################################################################################
 # End to end and bad input
 
 
@@ -338,7 +340,7 @@ def test_tokenizer_pads_to_longest_and_truncates():
 def checkpoint(tmp_path):
     """A transformers-written T5 encoder directory with a tokenizer.json matching its vocabulary."""
     spec = _hf_tokenizer("new", "precompiled")
-    reference = _hf_encoder(tmp_path, vocab_size=t5.T5Tokenizer(spec).vocab_size)
+    reference = _hf_encoder(tmp_path, vocab_size=t5_tokenizer.T5Tokenizer(spec).vocab_size)
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     return tmp_path, reference
 
@@ -405,4 +407,4 @@ def test_bad_input_is_rejected(checkpoint, tmp_path_factory):
     with pytest.raises(ValueError, match="wrong tokenizer.json"):
         t5.T5Encoder.from_pretrained(other, tokenizer=path / "tokenizer.json")
     with pytest.raises(ValueError, match="'BPE'"):
-        t5.T5Tokenizer({"model": {"type": "BPE", "vocab": {}}})
+        t5_tokenizer.T5Tokenizer({"model": {"type": "BPE", "vocab": {}}})
