@@ -40,11 +40,11 @@ AR_FLAGS   = --preset demo --batch-size 32 --lr 1e-3 --ckpt-every 500 --log-ever
              --sample-every 0 --num-workers 0 --resume --device $(DEVICE)
 
 $(DEMO_DATA)/data/synthetic.json: | $(VENV)/.installed
-	$(PY) data.py synthetic $(DEMO_DATA)/data --num 1920 --size 32 --frames 5 --fps 4
+	$(PY) synthetic.py $(DEMO_DATA)/data --num 1920 --size 32 --frames 5 --fps 4
 $(DEMO_DATA)/heldout/synthetic.json: | $(VENV)/.installed
-	$(PY) data.py synthetic $(DEMO_DATA)/heldout --num 96 --seed 1 --size 32 --frames 5 --fps 4
+	$(PY) synthetic.py $(DEMO_DATA)/heldout --num 96 --seed 1 --size 32 --frames 5 --fps 4
 $(DEMO_WORK)/vae.pt: $(DEMO_DATA)/data/synthetic.json
-	$(PY) vae.py train-demo --data $(DEMO_DATA)/data $(DEMO_CLIP) --out $@ --device $(DEVICE)
+	$(PY) demo.py train-vae --data $(DEMO_DATA)/data $(DEMO_CLIP) --out $@ --device $(DEVICE)
 $(DEMO_WORK)/tok.done: $(DEMO_WORK)/vae.pt
 	$(PY) train_tok.py --preset demo --data $(DEMO_DATA)/data $(DEMO_CLIP) $(DEMO_VAE) --cache $(DEMO_WORK)/latents \
 	  --run-dir $(DEMO_WORK)/tok --batch-size 32 --lr 2e-3 --steps $(TOK_STEPS) --val-every 10000 --ckpt-every 1000 \

@@ -2,42 +2,48 @@
 
 Paper: §4.2-4.3 (reconstruction and generation from any number of tokens per frame), §1 and §4.2 (the first
 tokens carry semantics and motion). `make demo-train` trains the four small models of the demo from scratch on
-the built-in synthetic data (data.py: 48 classes, 4 colours x 3 shapes x 4 motions, captions like "a red circle
+the built-in synthetic data (synthetic.py: 48 classes, 4 colours x 3 shapes x 4 motions, captions like "a red circle
 moving left"); `export` then writes them to assets/demo (fp16) with demo.json, the figures they reach:
 
-    vae.pt       DemoVAE, 32x32 frames <-> 8x8x4 latents            (python vae.py train-demo)
+    vae.pt       DemoVAE, 32x32 frames <-> 8x8x4 latents            (python demo.py train-vae)
     tok.pt       the "demo" tokenizer: 5 latent frames x K = 8 tokens, FSQ (8, 5, 5, 5) = 1000 codes
     ar-class.pt  class-conditional AR model ("demo" preset)
     ar-text.pt   text-conditional AR model (byte-level text encoder trained with it)
 
     python demo.py                      # make demo: samples, reconstructions and figures -> out/demo
+    python demo.py train-vae --data out/demo-data/data --out out/demo-train/vae.pt   # make demo-train's first step
     python demo.py export --work out/demo-train          # make demo-train's last step -> assets/demo
     python demo.py measure                               # the bundled models' figures again -> demo.json
 
-The figures, each at every budget k = 1, 2, 4, ..., K tokens per frame: adherence (eval.detect) of 32 samples
+The figures, each at every budget k = 1, 2, 4, ..., K tokens per frame: adherence (synthetic.detect) of 32 samples
 for 4 prompts and 4 classes that together cover every colour, shape and motion; PSNR and adherence of held-out
-clips reconstructed from their own first k tokens; and the token-position probe (eval.token_probe).
+clips reconstructed from their own first k tokens; and the token-position probe (metrics.token_probe).
 """
 import argparse
 import json
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from data import VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
+from ar import load_ar
+from checkpoint import DEMO_ASSETS, check_finite
+from data import VideoFolder
 from decoder import token_budgets
-from eval import adherence, batches_of, class_from_prompt, class_names, psnr, token_probe
 from generate import generate
-from sample import DEMO_ASSETS, load_ar
+from metrics import batches_of, class_names, psnr, token_probe
+from synthetic import adherence, class_from_prompt, synthetic_data
 from tokenizer import VideoFlexTok
-from trainer import last_checkpoint
+from trainer import at_least, check_args, last_checkpoint, lr_at, pick_device, positive
 from vae import DemoVAE
+from video import to_uint8, write_png_grid, write_video
 
 # Four prompts and four classes that together cover every colour, shape and motion.
 PROMPTS = ("a red circle moving left", "a green square moving right", "a blue triangle moving up",
@@ -133,7 +139,7 @@ def reconstruction_figures(bundle, videos, names, budgets, seed=0):
 
 @torch.no_grad()
 def probe_figures(bundle, train, heldout):
-    """eval.token_probe on the codes of the training clips, scored on the held-out ones."""
+    """metrics.token_probe on the codes of the training clips, scored on the held-out ones."""
     ids = [torch.cat([bundle.tok.tokenize(v[i:i + 64], bundle.vae) for i in range(0, len(v), 64)]).cpu()
            for v, _ in (train, heldout)]
     return token_probe(ids[0], train[1], ids[1], heldout[1], bundle.tok.cfg.fsq_levels)
@@ -212,6 +218,54 @@ def run_demo(out, data_root, device):
 
 
 ################################################################################
+# make demo-train's first step: the demo VAE
+
+def train_demo_vae(root, out, frames, fps, size, steps=800, batch_size=32, lr=2e-3, noise=0.1, seed=0, log_every=100,
+                   device="cpu"):
+    """Train a DemoVAE on every frame of the clips of a video folder; write it (fp16) to `out`.
+
+    Adam with a cosine decay, MSE plus a small L2 on the latents (it keeps their scale from drifting), and
+    Gaussian noise of `noise` times the latents' standard deviation added before decoding. Returns the held-out
+    PSNR (on a random 5% of the frames, held out), the steps and the seconds it took."""
+    torch.manual_seed(seed)
+    clips = VideoFolder(root, frames=frames, fps=fps, size=size, train=False, index=False)
+    video = torch.stack([clips[i][0] for i in range(len(clips))])                 # (N, 3, T, H, W)
+    frames_all = DemoVAE._frames(video)[0][torch.randperm(video.shape[0] * video.shape[2])]
+    n_val = max(len(frames_all) // 20, 1)
+    val, train = frames_all[:n_val].to(device), frames_all[n_val:].to(device)
+    model = DemoVAE().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    start = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, 0, steps, 0.05)
+        x = train[torch.randint(len(train), (batch_size,)).to(device)]
+        z = model.enc(x)
+        recon = model.dec(z + noise * z.detach().std() * torch.randn_like(z))
+        loss = F.mse_loss(recon, x) + 1e-4 * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log_every and (step + 1) % log_every == 0:
+            print(f"demo VAE step {step + 1}/{steps}: loss {loss.item():.5f}", flush=True)
+    model.eval()
+    with torch.no_grad():
+        model.scale.fill_(1 / model.enc(train[:2048]).std().item())
+        mse = F.mse_loss(model.decode_frames(model.encode_frames(val)).clamp(-1, 1), val).item()
+    report = {"val_psnr": 10 * torch.log10(torch.tensor(4 / mse)).item(), "steps": steps,
+              "seconds": time.time() - start, "frames": len(train)}
+    weights = {k: v.half().cpu() for k, v in model.state_dict().items()}
+    check_finite(weights, f"the demo VAE after {steps} steps", "The run diverged: train again with a lower --lr.")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save({"config": {"channels": model.latent_channels, "width": model.width},
+                "model": weights, "report": report}, tmp)
+    tmp.replace(out)
+    return report
+
+
+################################################################################
 # make demo-train's last step: the training checkpoints -> assets/demo
 
 def latest(run_dir):
@@ -281,19 +335,65 @@ def machine():
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "export", "measure"],
-                   help="run: make demo; export: make demo-train's last step; measure: the figures of the models in "
-                        "--out again, into its demo.json")
-    p.add_argument("--out", type=Path, default=None, help="default: out/demo (run) or assets/demo (export, measure)")
-    p.add_argument("--data", type=Path, default=Path("out/demo-data"),
-                   help="where the synthetic training and held-out clips are (generated if missing)")
-    p.add_argument("--work", type=Path, default=Path("out/demo-train"), help="export: make demo-train's work folder")
-    p.add_argument("--command-line", default="make demo-train", help="export: the command recorded in demo.json")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+################################################################################
+# Command line
+
+def parse_args(argv=None):
+    """The flags of every command; `python demo.py [flags]` is `python demo.py run [flags]`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=defaults)
+    commands = p.add_subparsers(dest="command", required=True)
+    run_cmd = commands.add_parser("run", formatter_class=defaults,
+                                  help="make demo (the default): samples, reconstructions and figures")
+    export_cmd = commands.add_parser("export", formatter_class=defaults,
+                                     help="make demo-train's last step: the training checkpoints -> --out")
+    measure_cmd = commands.add_parser("measure", formatter_class=defaults,
+                                      help="the figures of the models in --out again, into its demo.json")
+    for sub in (run_cmd, export_cmd, measure_cmd):
+        sub.add_argument("--out", type=Path, default=None,
+                         help="default: out/demo (run) or assets/demo (export, measure)")
+        sub.add_argument("--data", type=Path, default=Path("out/demo-data"),
+                         help="where the synthetic training and held-out clips are (generated if missing)")
+        sub.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    export_cmd.add_argument("--work", type=Path, default=Path("out/demo-train"), help="make demo-train's work folder")
+    export_cmd.add_argument("--command-line", default="make demo-train", help="the command recorded in demo.json")
+    train_cmd = commands.add_parser("train-vae", formatter_class=defaults,
+                                    help="make demo-train's first step: train a DemoVAE on every frame of a folder's clips")
+    train_cmd.add_argument("--data", type=Path, required=True, help="video folder")
+    train_cmd.add_argument("--out", type=Path, required=True, help="checkpoint to write (fp16)")
+    train_cmd.add_argument("--frames", type=int, default=5, help="frames per clip read from each video")
+    train_cmd.add_argument("--fps", type=float, default=4.0)
+    train_cmd.add_argument("--size", type=int, default=32, help="frame side in pixels (a multiple of 4)")
+    train_cmd.add_argument("--steps", type=int, default=800)
+    train_cmd.add_argument("--batch-size", type=int, default=32, help="frames per step")
+    train_cmd.add_argument("--lr", type=float, default=2e-3)
+    train_cmd.add_argument("--seed", type=int, default=0)
+    train_cmd.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    args.prog = f"{p.prog} {args.command}"
+    check_args(args, {"frames": (positive, ">= 1"), "fps": (positive, "> 0"), "steps": (positive, ">= 1"),
+                      "batch_size": (positive, ">= 1"), "lr": (positive, "> 0"), "seed": (at_least(0), ">= 0"),
+                      "size": (lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4")}, args.prog)
+    return args
+
+
+def run_train_vae(args):
+    try:
+        report = train_demo_vae(args.data, args.out, args.frames, args.fps, args.size, args.steps, args.batch_size,
+                                args.lr, seed=args.seed, device=pick_device(args.device))
+    except (ValueError, FileNotFoundError) as err:   # an empty or missing folder, a device this build lacks
+        raise SystemExit(f"{args.prog}: error: {err}") from None
+    print(f"wrote {args.out}: held-out PSNR {report['val_psnr']:.2f} dB after {args.steps} steps "
+          f"({report['seconds']:.0f} s, {report['frames']} training frames)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "train-vae":
+        return run_train_vae(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.command == "run":
         run_demo(args.out or Path("out/demo"), args.data, device)

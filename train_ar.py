@@ -31,18 +31,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ar import ARConfig, ARModel
-from data import BadVideo, VideoFolder, synthetic_data, to_uint8, write_video
+from data import VideoFolder
 from generate import Sampler
-from tokenizer import VideoFlexTok
+from official import load_tokenizer
+from synthetic import synthetic_data
+from t5 import T5Encoder
 from trainer import (COMMON_RULES, NonFiniteGuard, Progress, RunLog, Shards, add_common_args, at_least, batches,
-                     build_shards, check_args, check_batch, in_range, lr_at, make_ema, make_optimizer,
+                     barrier, build_shards, check_args, check_batch, in_range, lr_at, make_ema, make_optimizer,
                      mean_over_ranks, optimizer_step, positive, prepare_run_dir, resume, save_checkpoint,
                      setup_distributed, training_state, update_ema, weight_checksum)
 from vae import load_vae
+from video import BadVideo, to_uint8, write_video
 
 
 def parse_args(argv=None):
@@ -78,14 +82,13 @@ def parse_args(argv=None):
 def tokenize(args, rank, world, device):
     if args.tok_ckpt is None:
         raise SystemExit("--tokenize needs --tok-ckpt (a train_tok.py checkpoint)")
-    tok = VideoFlexTok.from_pretrained(args.tok_ckpt).to(device)
+    tok = load_tokenizer(args.tok_ckpt).to(device)
     vae = load_vae(args.vae, args.vae_ckpt, args.vae_version, device)
     root = args.data or synthetic_data()
     size = args.size or tok.cfg.latent_size * vae.spatial_factor
     videos = VideoFolder(root, frames=args.frames, fps=args.fps, size=size, train=False, seed=args.seed)
     t5 = None
     if args.t5 is not None:
-        from t5 import T5Encoder
         t5 = T5Encoder.from_pretrained(args.t5, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                        device=device)
 
@@ -197,7 +200,6 @@ def train(args, rank, world, device):
     if compile:
         objective = torch.compile(objective)
     if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
         for block in model.blocks:
             fully_shard(block)
         fully_shard(objective)
@@ -206,7 +208,7 @@ def train(args, rank, world, device):
 
     tok = vae = None
     if master and args.sample_every:
-        tok = VideoFlexTok.from_pretrained(meta["settings"]["tok_ckpt"]).to(device)
+        tok = load_tokenizer(meta["settings"]["tok_ckpt"]).to(device)
         model.check_tokenizer(tok)
         settings = meta["settings"]
         vae = load_vae(settings["vae"], settings["vae_ckpt"], settings["vae_version"], device)
@@ -278,6 +280,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, BadVideo) as err:
         raise SystemExit(f"train_ar.py: error: {err}") from None
     if world > 1:
+        barrier()   # every rank done (rank 0 samples last) before the process group goes away
         dist.destroy_process_group()
 
 

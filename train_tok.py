@@ -31,10 +31,11 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from checkpoint import torch_load
-from data import BadVideo, VideoFolder, synthetic_data, to_uint8, write_png_grid, write_video
+from data import VideoFolder
 from decoder import TIME_SAMPLING, token_budgets
 from dino import load_dinov2, repa_targets
-from eval import psnr
+from metrics import psnr
+from synthetic import synthetic_data
 from tokenizer import TokenizerConfig, VideoFlexTok
 from trainer import (COMMON_RULES, NonFiniteGuard, Progress, RunLog, add_common_args, at_least, barrier, batches,
                      build_shards, check_args, check_batch, compile_blocks, lr_at, make_ema, make_optimizer,
@@ -42,6 +43,7 @@ from trainer import (COMMON_RULES, NonFiniteGuard, Progress, RunLog, add_common_
                      setup_distributed, training_state, update_ema)
 from transformer import Block, use_checkpointing
 from vae import load_vae
+from video import BadVideo, to_uint8, write_png_grid, write_video
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -272,6 +274,7 @@ def train(args):
     bar.close()
     log.close(model, progress.step, world)
     if world > 1:
+        barrier()   # every rank done (rank 0 validates last) before the process group goes away
         dist.destroy_process_group()
 
 

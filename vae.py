@@ -28,6 +28,9 @@ whole video is the same code path. This makes chunked results equal to unchunked
 versions, encode and decode, while peak memory depends on the chunk length only. v1.1's linear upsampling needs one
 frame of look-ahead, so each of its upsamplers holds back its last output frame until the next chunk (or the end)
 arrives. (Upstream v1.1's own chunked decoder approximates at chunk seams instead; we reproduce its unchunked output.)
+
+The file is one piece, longer than most: the network, its streaming and the checkpoint layout it must match are read
+together, and the two small stand-ins (`PixelVAE`, `DemoVAE`) share the streaming API they are written against.
 """
 
 import re
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import build_checked, check_finite, check_state_dict, load_safetensors, read_safetensors_header, torch_load
+from checkpoint import build_checked, check_state_dict, load_safetensors, read_safetensors_header, torch_load
 
 VERSIONS = ("v1.0", "v1.1")
 VAE_KINDS = ("pixel", "demo", "vidtok")   # the --vae choices of every script
@@ -45,10 +48,8 @@ VAE_KINDS = ("pixel", "demo", "vidtok")   # the --vae choices of every script
 _RANGE_SLACK = 0.5
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+################################################################################
 # Building blocks. All take and return channels-last activations: (B, T, H, W, C), or (N, H, W, C) for single frames.
-# ---------------------------------------------------------------------------------------------------------------------
-
 
 class _Stream:
     """State of one encode or decode pass that feeds a video through the network in temporal chunks.
@@ -56,7 +57,7 @@ class _Stream:
     `carry[layer]` holds what a temporal layer needs from the previous chunk; `last` tells the layers that no more
     frames follow (only v1.1's linear upsampling, which looks one frame ahead, cares)."""
 
-    def __init__(self, version: str):
+    def __init__(self, version):
         self.version = version
         self.carry: dict[nn.Module, torch.Tensor] = {}
         self.last = False
@@ -65,21 +66,21 @@ class _Stream:
 class _Norm(nn.Module):
     """LayerNorm over channels at every position; the wrapper exists for the checkpoint's `….norm.weight` names."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels):
         super().__init__()
         self.norm = nn.LayerNorm(channels, eps=1e-6)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return self.norm(x)
 
 
-def _conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _conv2d(conv, x):
     """Apply a 2D conv to every frame of a channels-last (..., H, W, C) tensor."""
     y = conv(x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2))
     return y.permute(0, 2, 3, 1).reshape(*x.shape[:-3], *y.shape[-2:], y.shape[1])
 
 
-def _pointwise(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+def _pointwise(conv, x):
     """A 1x1 (or 1x1x1) conv is a linear map over the channel axis."""
     return F.linear(x, conv.weight.flatten(1), conv.bias)
 
@@ -91,7 +92,7 @@ class _CausalConv(nn.Module):
     frame (v1.1). The child `conv` is a Conv1d (a per-pixel temporal conv) or a Conv3d (zero-padded "same" in space),
     named and shaped as in the checkpoint."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, dims: int, stride: int = 1):
+    def __init__(self, cin, cout, kernel, dims, stride=1):
         super().__init__()
         if dims == 1:
             self.conv = nn.Conv1d(cin, cout, kernel)
@@ -99,7 +100,7 @@ class _CausalConv(nn.Module):
             self.conv = nn.Conv3d(cin, cout, kernel, stride=(stride, 1, 1), padding=(0, kernel // 2, kernel // 2))
         self.kernel, self.stride = kernel, stride
 
-    def pad(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def pad(self, x, stream):
         """Prepend the frames preceding `x` and keep, for the next chunk, those the conv has not finished with."""
         before = stream.carry.get(self)
         if before is None:
@@ -111,7 +112,7 @@ class _CausalConv(nn.Module):
         stream.carry[self] = padded[:, consumed:].clone()
         return padded
 
-    def run(self, padded: torch.Tensor) -> torch.Tensor:
+    def run(self, padded):
         """The conv itself, on a time-padded (B, T, H, W, C) tensor."""
         if isinstance(self.conv, nn.Conv1d):
             b, t, h, w, c = padded.shape
@@ -121,7 +122,7 @@ class _CausalConv(nn.Module):
             return y.permute(0, 2, 3, 1).reshape(b, -1, h, w, y.shape[1])
         return self.conv(padded.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
 
-    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def forward(self, x, stream):
         return self.run(self.pad(x, stream))
 
 
@@ -130,7 +131,7 @@ class _ResBlock(nn.Module):
 
     kind "2d": per-frame 3x3 convs (plain Conv2d); "1d": causal temporal convs per pixel; "3d": causal 3x3x3 convs."""
 
-    def __init__(self, cin: int, cout: int, kind: str):
+    def __init__(self, cin, cout, kind):
         super().__init__()
         if kind == "2d":
             make = lambda i, o: nn.Conv2d(i, o, 3, padding=1)  # noqa: E731
@@ -141,10 +142,10 @@ class _ResBlock(nn.Module):
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
 
-    def _conv(self, conv: nn.Module, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def _conv(self, conv, x, stream):
         return _conv2d(conv, x) if isinstance(conv, nn.Conv2d) else conv(x, stream)
 
-    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def forward(self, x, stream):
         h = self._conv(self.conv1, F.silu(self.norm1(x), inplace=True), stream)
         h = self._conv(self.conv2, F.silu(self.norm2(h), inplace=True), stream)
         return h.add_(_pointwise(self.nin_shortcut, x) if hasattr(self, "nin_shortcut") else x)
@@ -153,23 +154,23 @@ class _ResBlock(nn.Module):
 class _Pointwise(nn.Module):
     """A 1x1x1 conv (the checkpoint stores q/k/v/proj_out as `….conv.weight` of shape (C, C, 1, 1, 1))."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv3d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return _pointwise(self.conv, x)
 
 
 class _FrameAttention(nn.Module):
     """Single-head softmax self-attention among the pixels of each frame (no attention across time), residual."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels):
         super().__init__()
         self.norm = _Norm(channels)
         self.q, self.k, self.v, self.proj_out = (_Pointwise(channels) for _ in range(4))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         b, t, h, w, c = x.shape
         y = self.norm(x).reshape(b, t, h * w, c)
         y = F.scaled_dot_product_attention(self.q(y), self.k(y), self.v(y))
@@ -177,35 +178,35 @@ class _FrameAttention(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels):
         super().__init__()
         self.block_1 = _ResBlock(channels, channels, "3d")
         self.attn_1 = _FrameAttention(channels)
         self.block_2 = _ResBlock(channels, channels, "3d")
 
-    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def forward(self, x, stream):
         return self.block_2(self.attn_1(self.block_1(x, stream)), stream)
 
 
 class _Downsample(nn.Module):
     """Per-frame 2x spatial downsampling: zero pad right and bottom by one pixel, then a stride-2 3x3 conv."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return _conv2d(self.conv, F.pad(x, (0, 0, 0, 1, 0, 1)))
 
 
 class _Upsample(nn.Module):
     """Per-frame 2x nearest spatial upsampling, then a 3x3 conv."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         *lead, h, w, c = x.shape
         x = x[..., :, None, :, None, :].expand(*lead, h, 2, w, 2, c).reshape(*lead, 2 * h, 2 * w, c)
         return _conv2d(self.conv, x)
@@ -214,12 +215,12 @@ class _Upsample(nn.Module):
 class _TimeDownsample(nn.Module):
     """2x temporal downsampling: sigmoid(mix_factor) * causal 3-frame average + the rest * stride-2 causal conv."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels):
         super().__init__()
         self.mix_factor = nn.Parameter(torch.tensor([2.0]))
         self.conv = _CausalConv(channels, channels, 3, dims=3, stride=2)
 
-    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def forward(self, x, stream):
         # The average sees the same windows, and the same front padding, as the strided conv.
         padded = self.conv.pad(x, stream)
         n = (padded.shape[1] - 1) // 2
@@ -227,7 +228,7 @@ class _TimeDownsample(nn.Module):
         return self.conv.run(padded).lerp_(pooled, torch.sigmoid(self.mix_factor))
 
 
-def _linear2x(seq: torch.Tensor, start: bool, end: bool) -> torch.Tensor:
+def _linear2x(seq, start, end):
     """Linear 2x upsampling along time (align_corners=False) of `seq`, or of the part of a longer segment that it is.
 
     Output frames between input frames j and j+1 are 0.75/0.25 and 0.25/0.75 blends; the segment's first and last
@@ -243,13 +244,13 @@ class _TimeUpsample(nn.Module):
     repeated (v1.0) or linearly upsampled (v1.1). `head` is the number of input frames that come from latent 0: v1.1
     upsamples those on their own."""
 
-    def __init__(self, channels: int, head: int):
+    def __init__(self, channels, head):
         super().__init__()
         self.mix_factor = nn.Parameter(torch.tensor([2.0]))
         self.conv = _CausalConv(channels, channels, 3, dims=3)
         self.head = head
 
-    def _double(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def _double(self, x, stream):
         if stream.version == "v1.0":
             return x.repeat_interleave(2, dim=1)
         parts = []
@@ -264,12 +265,12 @@ class _TimeUpsample(nn.Module):
         stream.carry[self] = seq[:, -1:].clone()
         return torch.cat(parts, dim=1)
 
-    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def forward(self, x, stream):
         u = self._double(x, stream)
         return self.conv(u, stream).lerp_(u, torch.sigmoid(self.mix_factor))
 
 
-def _level(blocks: list[nn.Module], **resample: nn.Module | None) -> nn.Module:
+def _level(blocks, **resample):
     """A container with the checkpoint's names: a `block` list and, unless None, a `downsample` / `upsample`."""
     level = nn.Module()
     level.block = nn.ModuleList(blocks)
@@ -284,7 +285,7 @@ _TIME_LEVELS = (1, 2)
 
 
 class _Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
         super().__init__()
         widths = [ch * m for m in ch_mult]
         self.conv_in = _CausalConv(3, ch, 3, dims=3)
@@ -300,7 +301,7 @@ class _Encoder(nn.Module):
         self.norm_out = _Norm(cin)
         self.conv_out = _CausalConv(cin, 2 * z_channels, 3, dims=3)  # mean and log-variance
 
-    def forward(self, x: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def forward(self, x, stream):
         h = self.conv_in(x, stream)
         for spatial, temporal in zip(self.down, self.down_temporal):
             for block_s, block_t in zip(spatial.block, temporal.block):
@@ -314,7 +315,7 @@ class _Encoder(nn.Module):
 
 
 class _Decoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
         super().__init__()
         widths = [ch * m for m in ch_mult]
         self.conv_in = _CausalConv(z_channels, widths[-1], 3, dims=3)
@@ -332,7 +333,7 @@ class _Decoder(nn.Module):
         self.norm_out = _Norm(widths[0])
         self.conv_out = _CausalConv(widths[0], 3, 3, dims=3)
 
-    def forward(self, z: torch.Tensor, stream: _Stream) -> torch.Tensor:
+    def forward(self, z, stream):
         h = self.mid(self.conv_in(z, stream), stream)
         for spatial, temporal in zip(reversed(self.up), reversed(self.up_temporal)):
             for block_s, block_t in zip(spatial.block, temporal.block):
@@ -344,12 +345,10 @@ class _Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h), inplace=True), stream)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Public API.
-# ---------------------------------------------------------------------------------------------------------------------
+################################################################################
+# Public API
 
-
-def _check_video(video: torch.Tensor, temporal_factor: int, spatial_factor: int, check_range: bool = True) -> None:
+def _check_video(video, temporal_factor, spatial_factor, check_range=True):
     if not isinstance(video, torch.Tensor) or video.dim() != 5:
         got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
         raise ValueError(f"video must be a (B, 3, T, H, W) tensor, got {got}")
@@ -378,7 +377,7 @@ def _check_video(video: torch.Tensor, temporal_factor: int, spatial_factor: int,
             )
 
 
-def _check_latents(latents: torch.Tensor, channels: int) -> None:
+def _check_latents(latents, channels):
     if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or not latents.is_floating_point():
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"latents must be a float (B, {channels}, T, H, W) tensor, got {got}")
@@ -388,7 +387,7 @@ def _check_latents(latents: torch.Tensor, channels: int) -> None:
         raise ValueError(f"latents must have at least one frame and pixel, got shape {tuple(latents.shape)}")
 
 
-def _pieces(latents, total: int, channels: int):
+def _pieces(latents, total, channels):
     """The pieces (B, C, n, h, w) of a latent stream, checked, each with whether it is the last: they must add up
     to `total` latent frames, neither more nor fewer."""
     if total < 1:
@@ -428,12 +427,12 @@ class _EncodeStream:
     """VidTokVAE's causal encoder fed as frames arrive: latent 0 from frame 0 alone (behind three copies of it),
     then one latent per `temporal_factor` frames, `per_call` latents per encoder call (None: all that are there)."""
 
-    def __init__(self, vae, per_call: int | None):
+    def __init__(self, vae, per_call):
         self.vae, self.per_call = vae, per_call
         self.stream = _Stream(vae.version)
         self.pending = None   # frames received and not yet encoded, channels-last (B, n, H, W, 3)
 
-    def push(self, frames: torch.Tensor) -> list[torch.Tensor]:
+    def push(self, frames):
         """(B, 3, n, H, W) more frames, checked by the caller -> the moments (B, m, h, w, 32) of the latents they
         complete, one tensor per encoder call."""
         x = frames.permute(0, 2, 3, 4, 1)
@@ -450,7 +449,7 @@ class _EncodeStream:
         self.pending = x
         return out
 
-    def close(self) -> list[torch.Tensor]:
+    def close(self):
         """The moments of the frames still pending (fewer than per_call latents); refuses a partial latent."""
         left = 0 if self.pending is None else self.pending.shape[1]
         f = self.vae.temporal_factor
@@ -460,7 +459,7 @@ class _EncodeStream:
         return [self.vae.encoder(self.pending, self.stream)] if left else []
 
 
-def _spans(total: int, first: int, step: int | None) -> list[tuple[int, int]]:
+def _spans(total, first, step):
     """Chunk boundaries along time: [0, first), then spans of `step` (the last may be shorter); None = one span."""
     if step is None:
         return [(0, total)]
@@ -468,7 +467,7 @@ def _spans(total: int, first: int, step: int | None) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _version_in_filename(name: str) -> str | None:
+def _version_in_filename(name):
     """The official files are named `vidtok_kl_causal_488_16chn.ckpt` and `vidtok_kl_causal_488_16chn_v1_1.ckpt`."""
     if re.search(r"v1[._]1", name):
         return "v1.1"
@@ -480,7 +479,7 @@ def _version_in_filename(name: str) -> str | None:
 _OFFICIAL_PREFIX = re.compile(r"(video_tokenizer\.)?vae\.vidtok\.")
 
 
-def _read_checkpoint(path: Path, trusted: bool) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path, trusted):
     """The encoder/decoder weights of a Lightning checkpoint (weights under `state_dict`), of a bare state dict, or of
     an official VideoFlexTok model.safetensors (the VidTok it was trained with, stored beside the tokenizer)."""
     if path.suffix == ".safetensors":
@@ -515,13 +514,13 @@ class VidTokVAE(nn.Module):
 
     def __init__(
         self,
-        version: str = "v1.0",
+        version="v1.0",
         *,
-        ch: int = 128,
-        ch_mult: tuple[int, ...] = (1, 2, 4, 4),
-        num_res_blocks: int = 2,
-        z_channels: int = 16,
-        chunk_latents: int | None = 4,
+        ch=128,
+        ch_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        z_channels=16,
+        chunk_latents=4,
     ):
         super().__init__()
         if version not in VERSIONS:
@@ -544,8 +543,8 @@ class VidTokVAE(nn.Module):
                 conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=layout))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, version: str = "v1.0", trusted: bool = False,
-                        **kwargs) -> "VidTokVAE":
+    def from_checkpoint(cls, path, version="v1.0", trusted=False,
+                        **kwargs):
         """Load an official VidTok checkpoint (Lightning `.ckpt`) or a saved state dict; returns the model in eval mode.
 
         `version` must match the file: v1.0 is `vidtok_kl_causal_488_16chn.ckpt`, v1.1 is
@@ -571,11 +570,11 @@ class VidTokVAE(nn.Module):
 
     @torch.no_grad()
     def encode(
-        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
-        check_range: bool = True,
-    ) -> torch.Tensor:
+        self, video, *, sample=False, generator=None,
+        check_range=True,
+    ):
         """(B, 3, 4k+1, H, W) in [-1, 1] -> (B, 16, k+1, H/8, W/8): the posterior mean, or a sample if `sample`.
-        check_range=False takes values outside [-1, 1]: a decoded frame re-encoded as it is (sample.decode_long)."""
+        check_range=False takes values outside [-1, 1]: a decoded frame re-encoded as it is (chunks.decode_long)."""
         _check_video(video, self.temporal_factor, self.spatial_factor, check_range)
         stream = _EncodeStream(self, self.chunk_latents)
         moments = stream.push(video) + stream.close()
@@ -586,7 +585,7 @@ class VidTokVAE(nn.Module):
         return mean.permute(0, 4, 1, 2, 3).contiguous()
 
     @torch.no_grad()
-    def encode_stream(self, frames, *, check_range: bool = True):
+    def encode_stream(self, frames, *, check_range=True):
         """`encode` as the frames arrive: an iterable of groups (B, 3, n, H, W), any n >= 1 -> every latent frame
         (B, 16, 1, H/8, W/8), the posterior mean, as soon as the causal encoder has its frames (latent 0 after
         frame 0, latent j after frame 4j). The temporal layers carry their state from call to call, so the latents
@@ -600,7 +599,7 @@ class VidTokVAE(nn.Module):
         stream.close()
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents):
         """(B, 16, k+1, h, w) -> (B, 3, 4k+1, 8h, 8w), not clamped (values may stray slightly outside [-1, 1])."""
         _check_latents(latents, self.latent_channels)
         n = latents.shape[2]
@@ -614,7 +613,7 @@ class VidTokVAE(nn.Module):
         return video
 
     @torch.no_grad()
-    def decode_stream(self, latents, total: int):
+    def decode_stream(self, latents, total):
         """`decode` as the latents arrive: an iterable of pieces (B, 16, n, h, w) that add up to `total` latent
         frames -> video frames (B, 3, f, 8h, 8w) as soon as they are decoded: with v1.0, latent 0 gives frame 0
         and every later latent 4 frames; v1.1's linear upsampling looks one frame ahead, so some of a piece's
@@ -635,7 +634,7 @@ class _FramewiseStream:
     """encode_stream and decode_stream for a VAE that takes every frame on its own (temporal factor 1)."""
 
     @torch.no_grad()
-    def encode_stream(self, frames, *, check_range: bool = True):
+    def encode_stream(self, frames, *, check_range=True):
         """An iterable of frame groups (B, 3, n, H, W) -> every latent frame (B, C, 1, h, w) as its frame arrives
         (see VidTokVAE.encode_stream)."""
         for group in checked_frame_stream(frames):
@@ -643,7 +642,7 @@ class _FramewiseStream:
             yield from latents.split(1, dim=2)
 
     @torch.no_grad()
-    def decode_stream(self, latents, total: int):
+    def decode_stream(self, latents, total):
         """An iterable of latent pieces (B, C, n, h, w) adding up to `total` frames -> their frames, one piece
         at a time (see VidTokVAE.decode_stream)."""
         for z, _ in _pieces(latents, total, self.latent_channels):
@@ -660,13 +659,13 @@ class PixelVAE(_FramewiseStream, nn.Module):
     spatial_factor = 1
 
     def encode(
-        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
-        check_range: bool = True,
-    ) -> torch.Tensor:
+        self, video, *, sample=False, generator=None,
+        check_range=True,
+    ):
         _check_video(video, self.temporal_factor, self.spatial_factor, check_range)
         return video.clone()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents):
         _check_latents(latents, self.latent_channels)
         return latents.clone()
 
@@ -677,7 +676,7 @@ class DemoVAE(_FramewiseStream, nn.Module):
     The paper's tokenizer works in the smooth latent space of a VAE, where a latent pixel stands for a patch of
     the image; on raw pixels every patch token must choose its own colours and a small decoder draws speckle
     rather than objects. VidTok is far too large for the CPU demo, so the demo trains this one in minutes on its
-    own data (`python vae.py train-demo`). It is per frame (temporal factor 1: a clip of T frames is T latent
+    own data (`python demo.py train-vae`). It is per frame (temporal factor 1: a clip of T frames is T latent
     frames) and deterministic. Training adds noise to the latents, so that the slightly-off latents a flow
     decoder samples still decode to clean shapes; `scale` (set from the training latents) gives the latents unit
     standard deviation, the range the flow decoder's noise assumes."""
@@ -685,7 +684,7 @@ class DemoVAE(_FramewiseStream, nn.Module):
     temporal_factor = 1
     spatial_factor = 4
 
-    def __init__(self, channels: int = 4, width: int = 64):
+    def __init__(self, channels=4, width=64):
         super().__init__()
         self.latent_channels, self.width = channels, width
         act = nn.SiLU()
@@ -700,98 +699,50 @@ class DemoVAE(_FramewiseStream, nn.Module):
         self.register_buffer("scale", torch.ones(()))
 
     @staticmethod
-    def _frames(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _frames(x):
         """(B, C, T, H, W) -> (B*T, C, H, W) and T."""
         B, C, T, H, W = x.shape
         return x.transpose(1, 2).reshape(B * T, C, H, W), T
 
     @staticmethod
-    def _video(x: torch.Tensor, T: int) -> torch.Tensor:
+    def _video(x, T):
         """(B*T, C, H, W) -> (B, C, T, H, W)."""
         return x.view(-1, T, *x.shape[1:]).transpose(1, 2)
 
-    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+    def encode_frames(self, frames):
         return self.enc(frames) * self.scale
 
-    def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_frames(self, latents):
         return self.dec(latents / self.scale)
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
-               check_range: bool = True) -> torch.Tensor:
+    def encode(self, video, *, sample=False, generator=None,
+               check_range=True):
         """(B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/4, W/4); `sample` changes nothing (no posterior)."""
         _check_video(video, self.temporal_factor, self.spatial_factor, check_range)
         frames, T = self._frames(video)
         return self._video(self.encode_frames(frames), T).contiguous()
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents):
         """(B, 4, T, h, w) -> (B, 3, T, 4h, 4w), not clamped."""
         _check_latents(latents, self.latent_channels)
         frames, T = self._frames(latents)
         return self._video(self.decode_frames(frames), T).contiguous()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "DemoVAE":
-        """A file written by `train_demo_vae` -> the model in eval mode, frozen."""
+    def from_checkpoint(cls, path):
+        """A file written by `demo.train_demo_vae` -> the model in eval mode, frozen."""
         state = torch_load(path)
         if not isinstance(state, dict) or not {"config", "model"} <= set(state):
-            raise ValueError(f"{path} is not a demo VAE checkpoint (python vae.py train-demo writes one)")
+            raise ValueError(f"{path} is not a demo VAE checkpoint (python demo.py train-vae writes one)")
         weights = {k: v.float() for k, v in state["model"].items()}
-        model = build_checked(lambda: cls(**state["config"]), weights, path, "Train it again with python vae.py train-demo.")
+        model = build_checked(lambda: cls(**state["config"]), weights, path, "Train it again with python demo.py train-vae.")
         model.load_state_dict(weights)
         return model.eval().requires_grad_(False)
 
 
-def train_demo_vae(root, out, frames: int, fps: float, size: int, steps: int = 800, batch_size: int = 32,
-                   lr: float = 2e-3, noise: float = 0.1, seed: int = 0, log_every: int = 100, device="cpu") -> dict:
-    """Train a DemoVAE on every frame of the clips of a video folder; write it (fp16) to `out`.
-
-    Adam with a cosine decay, MSE plus a small L2 on the latents (it keeps their scale from drifting), and
-    Gaussian noise of `noise` times the latents' standard deviation added before decoding. Returns the held-out
-    PSNR (on a random 5% of the frames, held out), the steps and the seconds it took."""
-    import time
-    from data import VideoFolder
-    from trainer import lr_at   # here, not at the top: trainer imports this module
-    torch.manual_seed(seed)
-    clips = VideoFolder(root, frames=frames, fps=fps, size=size, train=False, index=False)
-    video = torch.stack([clips[i][0] for i in range(len(clips))])                 # (N, 3, T, H, W)
-    frames_all = DemoVAE._frames(video)[0][torch.randperm(video.shape[0] * video.shape[2])]
-    n_val = max(len(frames_all) // 20, 1)
-    val, train = frames_all[:n_val].to(device), frames_all[n_val:].to(device)
-    model = DemoVAE().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    start = time.time()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, 0, steps, 0.05)
-        x = train[torch.randint(len(train), (batch_size,)).to(device)]
-        z = model.enc(x)
-        recon = model.dec(z + noise * z.detach().std() * torch.randn_like(z))
-        loss = F.mse_loss(recon, x) + 1e-4 * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"demo VAE step {step + 1}/{steps}: loss {loss.item():.5f}", flush=True)
-    model.eval()
-    with torch.no_grad():
-        model.scale.fill_(1 / model.enc(train[:2048]).std().item())
-        mse = F.mse_loss(model.decode_frames(model.encode_frames(val)).clamp(-1, 1), val).item()
-    report = {"val_psnr": 10 * torch.log10(torch.tensor(4 / mse)).item(), "steps": steps,
-              "seconds": time.time() - start, "frames": len(train)}
-    weights = {k: v.half().cpu() for k, v in model.state_dict().items()}
-    check_finite(weights, f"the demo VAE after {steps} steps", "The run diverged: train again with a lower --lr.")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save({"config": {"channels": model.latent_channels, "width": model.width},
-                "model": weights, "report": report}, tmp)
-    tmp.replace(out)
-    return report
-
-
-def load_vae(kind: str, ckpt: str | Path | None = None, version: str = "v1.0", device="cpu") -> nn.Module:
+def load_vae(kind, ckpt=None, version="v1.0", device="cpu"):
     """The frozen VAE a script asks for by name: "pixel" (PixelVAE), "demo" (DemoVAE from `ckpt`) or "vidtok"
     (VidTokVAE from `ckpt`)."""
     if kind == "pixel":
@@ -801,41 +752,7 @@ def load_vae(kind: str, ckpt: str | Path | None = None, version: str = "v1.0", d
     if ckpt is None:
         raise ValueError("the VidTok VAE needs its checkpoint (vidtok_kl_causal_488_16chn.ckpt from the microsoft/VidTok "
                          "Hugging Face repository; flag --vae-ckpt), or use the pixel VAE (--vae pixel)" if kind == "vidtok"
-                         else "the demo VAE needs its checkpoint (--vae-ckpt; python vae.py train-demo writes one)")
+                         else "the demo VAE needs its checkpoint (--vae-ckpt; python demo.py train-vae writes one)")
     if kind == "demo":
         return DemoVAE.from_checkpoint(ckpt).to(device)
     return VidTokVAE.from_checkpoint(ckpt, version=version).to(device)
-
-
-def main(argv=None) -> None:
-    import argparse
-    p = argparse.ArgumentParser(description="Train the demo VAE (DemoVAE) on a folder of videos, e.g. the synthetic data.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = p.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train-demo", help="train a DemoVAE on every frame of a folder's clips")
-    train.add_argument("--data", type=Path, required=True, help="video folder")
-    train.add_argument("--out", type=Path, required=True, help="checkpoint to write (fp16)")
-    train.add_argument("--frames", type=int, default=5, help="frames per clip read from each video")
-    train.add_argument("--fps", type=float, default=4.0)
-    train.add_argument("--size", type=int, default=32, help="frame side in pixels (a multiple of 4)")
-    train.add_argument("--steps", type=int, default=800)
-    train.add_argument("--batch-size", type=int, default=32, help="frames per step")
-    train.add_argument("--lr", type=float, default=2e-3)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    from trainer import at_least, check_args, pick_device, positive   # here: trainer imports this module
-    check_args(args, {"frames": (positive, ">= 1"), "fps": (positive, "> 0"), "steps": (positive, ">= 1"),
-                      "batch_size": (positive, ">= 1"), "lr": (positive, "> 0"), "seed": (at_least(0), ">= 0"),
-                      "size": (lambda v: v >= 4 and v % 4 == 0, "a positive multiple of 4")}, p.prog)
-    try:
-        report = train_demo_vae(args.data, args.out, args.frames, args.fps, args.size, args.steps, args.batch_size,
-                                args.lr, seed=args.seed, device=pick_device(args.device))
-    except (ValueError, FileNotFoundError) as err:   # an empty or missing folder, a device this build lacks
-        raise SystemExit(f"{p.prog}: error: {err}") from None
-    print(f"wrote {args.out}: held-out PSNR {report['val_psnr']:.2f} dB after {args.steps} steps "
-          f"({report['seconds']:.0f} s, {report['frames']} training frames)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
-"""Tests for data.py: clip sampling (fps resampling, train/eval starts), bad files, the index cache, captions and
-labels, and the synthetic generator. Videos are tiny (32-64 px) and written on the fly with `write_video`."""
+"""Tests for video.py and data.py: clip sampling (fps resampling, train/eval starts), bad files, the index cache,
+captions and labels, and synthetic.py's generator. Videos are tiny (32-64 px) and written on the fly with `write_video`."""
 
 import json
 import logging
@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import data
-from data import VideoFolder, load_clip, make_synthetic, read_video, write_video
+from data import VideoFolder
+from synthetic import SYNTHETIC_CLASSES, make_synthetic, render_scene, render_shapes, synthetic_data, synthetic_scene
+from synthetic import main as synthetic_main
+from video import BadVideo, _pick_nearest, _SeekMissed, load_clip, probe, read_video, write_png_grid, write_video
 
 
 def numbered(count, size=32, width=None):
@@ -45,7 +48,7 @@ def test_write_read_roundtrip(tmp_path):
     back, fps = read_video(path)
     assert back.shape == frames.shape and fps == 5
     assert indices(back) == list(range(10))
-    meta = data.probe(path)
+    meta = probe(path)
     assert meta["frames"] == 10 and meta["fps"] == 5 and (meta["width"], meta["height"]) == (32, 32)
     with pytest.raises(ValueError, match="even height and width"):
         write_video(tmp_path / "odd.mp4", numbered(3, size=31), fps=5)
@@ -74,12 +77,12 @@ class FakeFrame:
 
 def test_nearest_selection_and_seek_overshoot():
     frames = [FakeFrame(k / 8) for k in range(8, 40)]        # what a seek that landed at 1.0 s would decode
-    clip = data._pick_nearest(iter(frames), np.array([1.5, 1.75, 2.0]), 8.0, 4.0, None, seeked=True)
+    clip = _pick_nearest(iter(frames), np.array([1.5, 1.75, 2.0]), 8.0, 4.0, None, seeked=True)
     assert clip[:, 0, 0, 0].tolist() == [12, 14, 16]
-    with pytest.raises(data._SeekMissed):                    # landed after the start: load_clip starts over
-        data._pick_nearest(iter(frames), np.array([0.5, 0.75]), 8.0, 4.0, None, seeked=True)
-    with pytest.raises(data.BadVideo, match="video ends at 4.88 s"):   # decoding stopped well before the clip end
-        data._pick_nearest(iter(frames), np.array([4.5, 5.5]), 8.0, 4.0, None, seeked=False)
+    with pytest.raises(_SeekMissed):                    # landed after the start: load_clip starts over
+        _pick_nearest(iter(frames), np.array([0.5, 0.75]), 8.0, 4.0, None, seeked=True)
+    with pytest.raises(BadVideo, match="video ends at 4.88 s"):   # decoding stopped well before the clip end
+        _pick_nearest(iter(frames), np.array([4.5, 5.5]), 8.0, 4.0, None, seeked=False)
 
 
 def test_resize_short_side_and_centre_crop(tmp_path):
@@ -121,14 +124,14 @@ def test_synthetic_generator(tmp_path, synthetic):
     first = lines[0]["path"]
     assert first == "red_circle_left/red_circle_left_00000.mp4" and lines[0]["caption"] == "a red circle moving left"
     assert not np.array_equal(read_video(synthetic / first)[0], read_video(other / first)[0])
-    assert len(data.SYNTHETIC_CLASSES) == 48
+    assert len(SYNTHETIC_CLASSES) == 48
 
 
 def test_synthetic_content():
     """Background never a shape colour (low saturation); the shape has its colour and moves the right way."""
     rng = np.random.default_rng(0)
     for motion, axis, sign in (("left", 1, -1), ("right", 1, 1), ("up", 0, -1), ("down", 0, 1)):
-        video = data.render_shapes("blue", "triangle", motion, rng, size=64, frames=40, fps=8.0).astype(int)
+        video = render_shapes("blue", "triangle", motion, rng, size=64, frames=40, fps=8.0).astype(int)
         saturation = video.max(-1) - video.min(-1)
         shape = saturation > 100                       # shape colours differ by >= 150 between channels
         near = shape.copy()                            # the shape and its anti-aliased 1-pixel rim
@@ -138,6 +141,16 @@ def test_synthetic_content():
         assert (video[shape][:, 2] > video[shape][:, 0]).all()     # blue dominates
         centres = [np.argwhere(m).mean(0)[axis] for m in shape[[0, -1]]]
         assert sign * (centres[1] - centres[0]) > 10  # moved at least 10 px in the right direction
+
+
+def test_a_scene_renders_as_render_shapes_draws_it():
+    """synthetic_scene holds every random choice: render_scene draws exactly what render_shapes draws from the same
+    generator state, and the centres follow the motion."""
+    scene = synthetic_scene("yellow", "triangle", "down", np.random.default_rng(3), size=32, frames=5, fps=4.0)
+    x, y = np.asarray(scene["centres"]).T
+    assert (np.diff(y) > 0).all() and (np.diff(x) == 0).all()     # moving down in the image
+    again = render_shapes("yellow", "triangle", "down", np.random.default_rng(3), size=32, frames=5, fps=4.0)
+    assert np.array_equal(render_scene(scene), again)
 
 
 @pytest.fixture(scope="module")
@@ -241,23 +254,22 @@ def test_index_cache_reused_and_refreshed(tmp_path, monkeypatch):
 
 
 def test_synthetic_data_builds_once_and_cli(tmp_path):
-    root = data.synthetic_data(tmp_path / "s", num=3, seed=1, size=16, frames=12, fps=4.0)
+    root = synthetic_data(tmp_path / "s", num=3, seed=1, size=16, frames=12, fps=4.0)
     files = sorted(root.glob("*/*.mp4"))
     assert len(files) == 3 and json.loads((root / "synthetic.json").read_text())["num"] == 3
     stamp = files[0].stat().st_mtime_ns
-    assert data.synthetic_data(root, num=3, seed=1, size=16, frames=12, fps=4.0) == root   # reused, not rewritten
+    assert synthetic_data(root, num=3, seed=1, size=16, frames=12, fps=4.0) == root   # reused, not rewritten
     assert files[0].stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="not synthetic data with"):
-        data.synthetic_data(root, num=4, seed=1, size=16, frames=12, fps=4.0)
-    data.main(["synthetic", str(tmp_path / "cli"), "--num", "2", "--seed", "1", "--size", "16", "--frames", "12",
-               "--fps", "4"])
+        synthetic_data(root, num=4, seed=1, size=16, frames=12, fps=4.0)
+    synthetic_main([str(tmp_path / "cli"), "--num", "2", "--seed", "1", "--size", "16", "--frames", "12", "--fps", "4"])
     for name in ("red_circle_left/red_circle_left_00000.mp4", "red_circle_right/red_circle_right_00001.mp4"):
         assert np.array_equal(read_video(tmp_path / "cli" / name)[0], read_video(root / name)[0])
 
 
 def test_write_png_grid(tmp_path):
     grid = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 5, 3), dtype=np.uint8)
-    raw = data.write_png_grid(tmp_path / "g.png", grid, gap=1).read_bytes()
+    raw = write_png_grid(tmp_path / "g.png", grid, gap=1).read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
     width, height = struct.unpack(">II", raw[16:24])
     assert (width, height) == (3 * 5 + 2, 2 * 4 + 1)

@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import demo
-import eval as ev
 import sample
-from vae import DemoVAE, load_vae, train_demo_vae
+from data import VideoFolder
+from demo import train_demo_vae
+from metrics import token_probe
+from synthetic import SYNTHETIC_CLASSES, adherence, class_from_prompt, make_synthetic
+from vae import DemoVAE, load_vae
 
 BUNDLED = all((sample.DEMO_ASSETS / name).is_file() for name in demo.FILES)
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    return data.make_synthetic(tmp_path_factory.mktemp("syn"), num=48, seed=3, size=32, frames=5, fps=4.0)
+    return make_synthetic(tmp_path_factory.mktemp("syn"), num=48, seed=3, size=32, frames=5, fps=4.0)
 
 
 def test_demo_vae_trains_saves_and_loads_in_fp16(tiny_folder, tmp_path):
@@ -27,7 +29,7 @@ def test_demo_vae_trains_saves_and_loads_in_fp16(tiny_folder, tmp_path):
     state = torch.load(out, weights_only=True)
     assert all(v.dtype == torch.float16 for v in state["model"].values())
     vae = load_vae("demo", out)
-    clips = data.VideoFolder(tiny_folder, frames=5, fps=4.0, size=32, train=False, index=False)
+    clips = VideoFolder(tiny_folder, frames=5, fps=4.0, size=32, train=False, index=False)
     video = torch.stack([clips[0][0], clips[1][0]])
     latents = vae.encode(video)
     assert latents.shape == (2, 4, 5, 8, 8)
@@ -35,6 +37,15 @@ def test_demo_vae_trains_saves_and_loads_in_fp16(tiny_folder, tmp_path):
     # per frame: a frame's latents do not depend on the other frames
     assert torch.allclose(vae.encode(video[:, :, 2:3]), latents[:, :, 2:3], atol=1e-5)
     assert 0.5 < latents.std() < 2   # `scale` gives the training latents about unit spread
+
+
+def test_train_vae_command_line(tiny_folder, tmp_path, capsys):
+    """demo.py train-vae is train_demo_vae with its flags; `python demo.py [flags]` is the run command."""
+    out = tmp_path / "vae.pt"
+    demo.main(["train-vae", "--data", str(tiny_folder), "--out", str(out), "--steps", "2", "--batch-size", "4"])
+    assert "held-out PSNR" in capsys.readouterr().out and isinstance(DemoVAE.from_checkpoint(out), DemoVAE)
+    assert demo.parse_args(["--out", "x"]).command == "run" and demo.parse_args([]).command == "run"
+    assert demo.parse_args(["export", "--work", "w"]).work.name == "w"
 
 
 def test_demo_vae_refuses_other_files(tmp_path):
@@ -47,8 +58,8 @@ def test_demo_vae_refuses_other_files(tmp_path):
 
 def test_probe_finds_the_position_that_carries_the_class():
     rng = np.random.default_rng(0)
-    names = [data.SYNTHETIC_CLASSES[i % 48] for i in range(480)]
-    labels = torch.tensor([data.SYNTHETIC_CLASSES.index(n) for n in names])
+    names = [SYNTHETIC_CLASSES[i % 48] for i in range(480)]
+    labels = torch.tensor([SYNTHETIC_CLASSES.index(n) for n in names])
     levels = (8, 5, 5, 5)
     ids = torch.from_numpy(rng.integers(0, 1000, (480, 5, 3)))
     # position 1: the colour and shape in frame 0 (two FSQ digits), the motion in frame 4; position 2: noise;
@@ -56,7 +67,7 @@ def test_probe_finds_the_position_that_carries_the_class():
     ids[:, 0, 0] = labels // 12 + 8 * ((labels // 4) % 3)
     ids[:, 4, 0] = labels % 4
     ids[:, :, 2] = (labels // 12)[:, None] * 8 + torch.from_numpy(rng.integers(0, 8, (480, 5)))
-    scores = ev.token_probe(ids[:384], names[:384], ids[384:], names[384:], levels)
+    scores = token_probe(ids[:384], names[:384], ids[384:], names[384:], levels)
     assert min(scores[key][0] for key in ("color", "shape", "motion")) >= 0.95 and scores["class"][0] > 0.5
     assert max(scores[key][1] for key in ("color", "shape", "motion")) < 0.6
     assert scores["color"][2] == 1.0 and scores["motion"][2] < 0.5
@@ -74,8 +85,8 @@ def test_bundled_models_draw_the_requested_class():
         videos, wanted = [], []
         for i, name in enumerate(names):
             videos += list(bundle.sample(cond, name, K, 4, seed=i))
-            wanted += [ev.class_from_prompt(name) if cond == "text" else name] * 4
-        scores = ev.adherence(videos, wanted)
+            wanted += [class_from_prompt(name) if cond == "text" else name] * 4
+        scores = adherence(videos, wanted)
         assert scores["color"] >= 0.75 and scores["shape"] >= 0.5 and scores["motion"] >= 0.6, (cond, scores)
         assert scores["class"] >= 0.375, (cond, scores)   # chance: 1 in 48
 

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import demo
 import eval as eval_cli
 import sample
 import train_ar
 import train_tok
 import trainer
-import vae
+from ar import load_ar
 from checkpoint import read_safetensors_header, torch_load
-from data import make_synthetic
+from synthetic import make_synthetic
 from tokenizer import VideoFlexTok
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_exploding_learning_rate_stops_with_a_message_and_only_finite_checkpoint
 
 def test_loaders_refuse_non_finite_weights(work, tmp_path):
     for name, ckpt, load in (("tok", work / "tok" / "ckpt-0000002.pt", VideoFlexTok.from_checkpoint),
-                             ("ar", work / "ar" / "ckpt-0000002.pt", lambda p: sample.load_ar(p, "cpu"))):
+                             ("ar", work / "ar" / "ckpt-0000002.pt", lambda p: load_ar(p, "cpu"))):
         state = torch.load(ckpt, weights_only=True)
         part = "ema" if state.get("ema") else "model"
         key = next(k for k, v in state[part].items() if v.is_floating_point())
@@ -173,10 +174,9 @@ def test_bad_sampling_arguments_are_refused_before_sampling(tmp_path, args, mess
 BAD_OTHER_ARGS = [
     (eval_cli.main, ["recon", "--tok-ckpt", "x.pt", "--steps", "0"], "--steps must be >= 1"),
     (eval_cli.main, ["probe", "--tok-ckpt", "x.pt", "--heldout", "h", "--fps", "nan"], "--fps must be > 0; got nan"),
-    (eval_cli.main, ["ceiling", "--lr", "-1"], "--lr must be > 0"),
     (eval_cli.main, ["gfvd", "--real", "a", "--fake", "b", "--num", "0"], "--num must be >= 1"),
-    (vae.main, ["train-demo", "--data", "d", "--out", "v.pt", "--lr", "inf"], "--lr must be > 0; got inf"),
-    (vae.main, ["train-demo", "--data", "d", "--out", "v.pt", "--size", "30"], "--size must be a positive multiple of 4"),
+    (demo.main, ["train-vae", "--data", "d", "--out", "v.pt", "--lr", "inf"], "--lr must be > 0; got inf"),
+    (demo.main, ["train-vae", "--data", "d", "--out", "v.pt", "--size", "30"], "--size must be a positive multiple of 4"),
 ]
 
 

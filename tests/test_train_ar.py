@@ -12,7 +12,7 @@ import torch
 
 import train_ar
 import train_tok
-from data import make_synthetic
+from synthetic import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ["--frames", "5", "--size", "16"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_tok
-from data import make_synthetic
+from synthetic import make_synthetic
 from trainer import Shards
 from vae import PixelVAE
 

@@ -300,7 +300,7 @@ def test_bad_video_is_named(x, message):
 
 
 def test_decoded_frames_outside_the_range_are_taken_when_asked():
-    """sample.decode_long re-encodes the decoder's overshooting overlap frame as it is (check_range=False)."""
+    """chunks.decode_long re-encodes the decoder's overshooting overlap frame as it is (check_range=False)."""
     x = torch.full((1, 3, 5, 16, 16), 2.37)
     with pytest.raises(ValueError, match="\\[-1, 1\\]"):
         tiny_vae("v1.0").encode(x)
