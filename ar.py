@@ -3,9 +3,8 @@
 Paper: §3.3, §4.1 ("AR model training"), §4.3, Appendix C.3 (generation order) and F.2 (sizes).
 References (facts, not code): LlamaGen (Sun et al., 2024; FoundationVision/LlamaGen gpt.py) for
 the LLaMA-style trunk, class conditioning and zero-initialised head; gpt-fast (pytorch-labs) for the
-per-layer KV cache of fixed size; Infinity
-(FoundationVision) for the cross-attention block; Kondratyuk et al. 2023 (VideoPoet) for text
-cross-attention in a video AR model.
+per-layer KV cache of fixed size; Infinity (FoundationVision) for the cross-attention block;
+Kondratyuk et al. 2023 (VideoPoet) for text cross-attention in a video AR model.
 
 Architecture. A pre-norm decoder-only transformer: RMSNorm, causal self-attention with rotary
 position embedding (RoPE) and no QK-norm, SwiGLU (`transformer.SwiGLU`, hidden int(8/3 * D)), no
@@ -42,7 +41,9 @@ Conditioning.
 
 Sampling lives in generate.py (a fixed-size KV cache, one decode step, compiled or eager); this
 file gives it `trunk` (the blocks over any positions, with or without `KVCache`s), `hidden` (a
-whole sequence) and `condition`.
+whole sequence) and `condition`. Inputs are checked once where they enter, by the functions at the
+end of this file: `ARModel.loss` for training, `generate.Sampler` for sampling; the layers below
+take them as checked. `load_ar` reads a train_ar.py checkpoint.
 
 Presets (`ARConfig.preset`). Parameters measured on the meta device (checked in tests/test_ar.py).
 "trunk" is the blocks' self-attention and SwiGLU only; "c2v" is the whole model with 600 classes;
@@ -73,9 +74,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import build_checked, torch_load
 from fsq import LEVELS
-from t5 import RMSNorm
-from transformer import HEAD_DIM, AxialPositionEmbedding, Block, SwiGLU, layer_norm, zero_linear
+from transformer import HEAD_DIM, AxialPositionEmbedding, Block, RMSNorm, SwiGLU, layer_norm, zero_linear
 
 TEXT_KINDS = ("none", "t5", "bytes")
 
@@ -271,7 +272,6 @@ class ByteTextEncoder(nn.Module):
 
     def encode_text(self, prompts, max_length=None):
         """prompts -> (features (B, L, dim), mask (B, L) bool), L = the longest prompt + 1 (end token)."""
-        check_prompts(prompts)
         max_length = min(max_length or self.max_len, self.max_len)
         rows = [list(p.encode("utf-8")[:max_length - 1]) + [self.END] for p in prompts]
         L = max(map(len, rows))
@@ -282,11 +282,6 @@ class ByteTextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask[:, None, None, :], None)
         return layer_norm(x), mask
-
-
-def check_prompts(prompts):
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings; got {prompts!r:.80}")
 
 
 ################################################################################
@@ -314,24 +309,17 @@ class ARModel(nn.Module):
         self.head = zero_linear(D, cfg.vocab, bias=False)
         self.apply(_init_weights)
 
-    ############################################################################
-    # Training
-
     def forward(self, seq, cls=None, text=None, text_mask=None, frames=None):
-        """Logits (B, n + 1, vocab) in fp32 for a time-first prefix seq (B, n): position i predicts seq[i].
-
-        In training mode the class / text is dropped to the null condition with prob. class_dropout.
-        """
-        frames = self.check_frames(frames)
-        n_max = frames * self.cfg.tokens_per_frame - 1
-        if not torch.is_tensor(seq) or seq.dim() != 2 or seq.dtype.is_floating_point or seq.shape[1] > n_max:
-            raise ValueError(f"seq must be an integer tensor (B, n) with n <= {n_max} (frames x K - 1); "
-                             f"got {getattr(seq, 'shape', seq)!r:.80}")
+        """Logits (B, n + 1, vocab) in fp32 for a time-first prefix seq (B, n) of a sequence of `frames`
+        latent frames (default max_frames): position i predicts seq[i]. In training mode the class / text
+        is dropped to the null condition with prob. class_dropout. `loss` checks what it passes here."""
+        frames = self.cfg.max_frames if frames is None else frames
         return self.head(self.hidden(seq, frames, *self.condition(seq.shape[0], cls, text, text_mask))).float()
 
     def loss(self, ids, cls=None, text=None, text_mask=None):
         """Cross-entropy of ids (B, T', k) (any k <= K: train on the first k tokens of every frame)."""
-        self._check_ids(ids)
+        check_ids(self.cfg, ids)
+        check_condition(self.cfg, ids.shape[0], cls, text, text_mask)
         seq = to_sequence(ids)
         logits = self(seq[:, :-1], cls, text, text_mask, frames=ids.shape[1])
         return F.cross_entropy(logits.flatten(0, 1), seq.flatten())
@@ -362,9 +350,6 @@ class ARModel(nn.Module):
             raise ValueError(f"this AR model makes up to {self.cfg.max_frames} frames x {self.cfg.tokens_per_frame} "
                              f"tokens; the tokenizer decodes at most {tf} x {tk}")
 
-    ############################################################################
-    # Internals
-
     def hidden(self, seq, frames, sos, text):
         """Final hidden states (B, n + 1, D) of the input [SOS, seq] (seq (B, n)), at positions 0..n."""
         x = torch.cat([sos[:, None].to(self.tok_emb.weight.dtype), self.tok_emb(seq)], dim=1)
@@ -384,13 +369,11 @@ class ARModel(nn.Module):
             x = block(x, rope, text, caches[i] if caches is not None else None, n)
         return self.norm(x)
 
-    def condition(self, B, cls, text, text_mask, null=False):
+    def condition(self, B, cls, text, text_mask):
         """-> ([SOS] vectors (B, D), (projected text (B, L, D), mask) or None), with training dropout.
-
-        null=True: the inputs are the unconditional ones from `null_inputs` and are not checked.
-        """
-        if not null:
-            cls, text, text_mask = self._check_condition(B, cls, text, text_mask)
+        The inputs are checked where they enter (`loss`, generate.Sampler): here they are the model's."""
+        if text is not None:
+            text = text.to(self.null_text.dtype)
         if self.training and self.cfg.class_dropout > 0:
             drop = torch.rand(B, device=self.sos.device) < self.cfg.class_dropout
             null_cls, null_text, null_mask = self.null_inputs(B, text)
@@ -416,60 +399,76 @@ class ARModel(nn.Module):
         mask[:, 0] = True
         return cls, features, mask
 
-    ############################################################################
-    # Input checks: every error names the argument and what is allowed.
-
-    def check_frames(self, frames):
-        frames = self.cfg.max_frames if frames is None else frames
-        if not 1 <= frames <= self.cfg.max_frames:
-            raise ValueError(f"frames={frames}: this model was trained for 1 to {self.cfg.max_frames} latent frames")
-        return frames
-
-    def check_budget(self, k):
-        K = self.cfg.tokens_per_frame
-        k = K if k is None else k
-        if not 1 <= k <= K:
-            raise ValueError(f"tokens_per_frame={k} must be in [1, {K}]")
-        return k
-
-    def _check_ids(self, ids):
-        if not torch.is_tensor(ids) or ids.dim() != 3 or ids.dtype.is_floating_point:
-            raise ValueError(f"ids must be an integer tensor (B, T', k); got {getattr(ids, 'shape', ids)!r}")
-        self.check_frames(ids.shape[1])
-        self.check_budget(ids.shape[2])
-        if ids.min() < 0 or ids.max() >= self.cfg.vocab:
-            raise ValueError(f"ids must be in [0, {self.cfg.vocab}); got [{ids.min().item()}, {ids.max().item()}]")
-
-    def _check_condition(self, B, cls, text, text_mask):
-        if self.class_emb is not None:
-            n = self.cfg.num_classes
-            if not torch.is_tensor(cls) or cls.shape != (B,) or cls.dtype.is_floating_point:
-                raise ValueError(f"cls must be an integer tensor of {B} class ids in [0, {n}); got {cls!r:.80}")
-            if cls.min() < 0 or cls.max() >= n:
-                raise ValueError(f"unknown class id: cls must be in [0, {n}); "
-                                 f"got [{cls.min().item()}, {cls.max().item()}]")
-        elif cls is not None:
-            raise ValueError("cls given, but this model has no class conditioning (num_classes=0)")
-        if self.cfg.text == "none":
-            if text is not None:
-                raise ValueError("text given, but this model has no text conditioning (ARConfig.text='none')")
-            return cls, None, None
-        return (cls, *self._check_text(text, text_mask, B))
-
-    def _check_text(self, text, text_mask, B):
-        L_max, Dt = self.cfg.max_text_len, self.cfg.text_dim
-        if not torch.is_tensor(text) or text.dim() != 3 or text.shape[0] != B or text.shape[2] != Dt \
-                or not 1 <= text.shape[1] <= L_max:
-            raise ValueError(f"text must be features (B={B}, L <= {L_max}, {Dt}) from encode_text; "
-                             f"got {getattr(text, 'shape', text)!r:.80}")
-        if not torch.is_tensor(text_mask) or text_mask.shape != text.shape[:2] or text_mask.dtype != torch.bool:
-            raise ValueError(f"text_mask must be a bool tensor {tuple(text.shape[:2])}; got {text_mask!r:.80}")
-        if not text_mask.any(1).all():
-            raise ValueError("text_mask has a row without any valid position; every prompt needs >= 1 token")
-        return text.to(self.null_text.dtype), text_mask
-
 
 def _init_weights(m):
     """N(0, 0.02) for Linear and Embedding weights (LlamaGen); zero-initialised layers stay zero."""
     if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "zero_init", False):
         nn.init.normal_(m.weight, std=0.02)
+
+
+################################################################################
+# Input checks, made once where input enters: ARModel.loss (training) and generate.Sampler (sampling).
+# Every error names the argument and what is allowed.
+
+def check_prompts(prompts):
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings; got {prompts!r:.80}")
+
+
+def check_shape(cfg, frames, k):
+    """Latent frames and tokens per frame (None: the model's) -> both, within what the model was trained for."""
+    frames = cfg.max_frames if frames is None else frames
+    k = cfg.tokens_per_frame if k is None else k
+    if not 1 <= frames <= cfg.max_frames:
+        raise ValueError(f"frames={frames}: this model was trained for 1 to {cfg.max_frames} latent frames")
+    if not 1 <= k <= cfg.tokens_per_frame:
+        raise ValueError(f"tokens_per_frame={k} must be in [1, {cfg.tokens_per_frame}]")
+    return frames, k
+
+
+def check_ids(cfg, ids):
+    if not torch.is_tensor(ids) or ids.dim() != 3 or ids.dtype.is_floating_point:
+        raise ValueError(f"ids must be an integer tensor (B, T', k); got {getattr(ids, 'shape', ids)!r}")
+    check_shape(cfg, ids.shape[1], ids.shape[2])
+    if ids.min() < 0 or ids.max() >= cfg.vocab:
+        raise ValueError(f"ids must be in [0, {cfg.vocab}); got [{ids.min().item()}, {ids.max().item()}]")
+
+
+def check_condition(cfg, B, cls, text, text_mask):
+    """The class ids (B,) and text features (B, L, text_dim) with mask (B, L) that the model was built for."""
+    if cfg.num_classes:
+        n = cfg.num_classes
+        if not torch.is_tensor(cls) or cls.shape != (B,) or cls.dtype.is_floating_point:
+            raise ValueError(f"cls must be an integer tensor of {B} class ids in [0, {n}); got {cls!r:.80}")
+        if cls.min() < 0 or cls.max() >= n:
+            raise ValueError(f"unknown class id: cls must be in [0, {n}); got [{cls.min().item()}, {cls.max().item()}]")
+    elif cls is not None:
+        raise ValueError("cls given, but this model has no class conditioning (num_classes=0)")
+    if cfg.text == "none":
+        if text is not None:
+            raise ValueError("text given, but this model has no text conditioning (ARConfig.text='none')")
+        return
+    L_max, Dt = cfg.max_text_len, cfg.text_dim
+    if not torch.is_tensor(text) or text.dim() != 3 or text.shape[0] != B or text.shape[2] != Dt \
+            or not 1 <= text.shape[1] <= L_max:
+        raise ValueError(f"text must be features (B={B}, L <= {L_max}, {Dt}) from encode_text; "
+                         f"got {getattr(text, 'shape', text)!r:.80}")
+    if not torch.is_tensor(text_mask) or text_mask.shape != text.shape[:2] or text_mask.dtype != torch.bool:
+        raise ValueError(f"text_mask must be a bool tensor {tuple(text.shape[:2])}; got {text_mask!r:.80}")
+    if not text_mask.any(1).all():
+        raise ValueError("text_mask has a row without any valid position; every prompt needs >= 1 token")
+
+
+################################################################################
+# Loading
+
+def load_ar(path, device):
+    """A train_ar.py checkpoint -> (ARModel in eval mode with its EMA weights when present, the raw state)."""
+    state = torch_load(path)
+    if not isinstance(state, dict) or not {"config", "model"} <= set(state):
+        raise ValueError(f"{path} is not a train_ar.py checkpoint (it has no 'config' and 'model')")
+    weights = state.get("ema") or state["model"]
+    model = build_checked(lambda: ARModel(ARConfig(**state["config"])), weights, path,
+                          "Use a checkpoint written by train_ar.py.")
+    model.load_state_dict(weights)
+    return model.to(device).eval(), state

@@ -13,7 +13,9 @@ rather than 64000 (on CPU sampling from 64000 logits dominates). Every row state
 Peak memory is the growth over what was allocated before the call: on CUDA of allocated tensors; on CPU of the
 process's resident set (Linux only), measured in a fresh process so that memory freed earlier cannot hide the peak.
 
-To add a benchmark, write a `bench_<name>(args)` function that prints rows with `row()`, and register it with its
+The file is one piece of many small parts: every benchmark is a `bench_<name>` function that reads on its own,
+and they share only the harness at the top (timing, peak memory, one table format). To add a benchmark, write a
+`bench_<name>(args)` function that prints rows with `row()`, and register it with its
 options in `BENCHMARKS`. Benchmarks that compare against a reference implementation (diffusers) import it lazily
 and say how to install it.
 """
@@ -21,12 +23,27 @@ and say how to install it.
 import argparse
 import dataclasses
 import multiprocessing
+import os
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+from torch.profiler import ProfilerActivity, profile
+
+from ar import ARConfig, ARModel
+from chunks import Chunks, tokenize_stream
+from data import VideoFolder
+from generate import Sampler
+from synthetic import make_synthetic
+from tokenizer import TokenizerConfig, VideoFlexTok
+from trainer import Progress, batches, compile_blocks, make_ema, make_optimizer, optimizer_step, update_ema
+from transformer import HEAD_DIM, Block, Layout, _compiled_flex, block_mask, dense_mask, use_checkpointing
+from vae import VidTokVAE
 
 HEADER = "| what | config | device | dtype | median of N (s) | derived |\n|---|---|---|---|---|---|"
 
@@ -39,27 +56,27 @@ PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0}
 GPU_BATCH = {"d18-d18": 8, "d18-d28": 2}
 
 
-def row(what: str, config: str, device: str, dtype, times: list[float] | None, derived: str) -> None:
+def row(what, config, device, dtype, times, derived):
     """One table row; `times` None when the thing cannot run here (the derived column says why)."""
     median = f"{statistics.median(times):.3g} (N={len(times)})" if times else "n/a"
     print(f"| {what} | {config} | {device} | {str(dtype).removeprefix('torch.')} | {median} | {derived} |",
           flush=True)
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, bool]:
+def setup(args):
     """(device, dtype, reduced) from the common options: bf16 and real sizes on CUDA, fp32 and reduced on CPU."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype, device.type == "cpu" if args.reduced is None else args.reduced
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -75,14 +92,14 @@ def timed(fn, device: torch.device) -> float:
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_bytes(field: str) -> int:
+def _status_bytes(field):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def measure(fn, device: torch.device, warmup: int, runs: int) -> tuple[list[float], float | None]:
+def measure(fn, device, warmup, runs):
     """(seconds of each timed run, peak memory growth in bytes over all calls or None where it cannot be read)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -101,7 +118,7 @@ def _measure_job(job, args, params):
     return measure(job(args, *params), torch.device(args.device), args.warmup, args.runs)
 
 
-def measure_job(job, args: argparse.Namespace, *params) -> tuple[list[float], float | None]:
+def measure_job(job, args, *params):
     """`measure` the function that `job(args, *params)` builds. On CPU in a fresh process (see the module doc);
     `job` must then be a module-level function, and args and params picklable."""
     if torch.device(args.device).type != "cpu":
@@ -110,11 +127,11 @@ def measure_job(job, args: argparse.Namespace, *params) -> tuple[list[float], fl
         return pool.apply(_measure_job, (job, args, params))
 
 
-def mib(peak: float | None) -> str:
+def mib(peak):
     return "peak n/a" if peak is None else f"peak +{peak / 2**20:.0f} MiB"
 
 
-def host_syncs(fn, device: torch.device) -> int | None:
+def host_syncs(fn, device):
     """How often one call of `fn` makes the host wait for the GPU (CUDA's sync debug mode); None on CPU, or if
     the counter fails its self-check (a known synchronising call must be seen)."""
     if device.type != "cuda":
@@ -138,10 +155,8 @@ def host_syncs(fn, device: torch.device) -> int | None:
 ################################################################################
 # Tokenizer: FLOPs, training step, torch.compile, attention, decoding
 
-def tok_config(preset: str, reduced: bool):
+def tok_config(preset, reduced):
     """The preset's tokenizer config; reduced: depth / 9, K / 4, half the latent side, REPA width 128."""
-    from tokenizer import TokenizerConfig
-
     cfg = TokenizerConfig.preset(preset)
     if not reduced:
         return cfg
@@ -149,25 +164,23 @@ def tok_config(preset: str, reduced: bool):
                                registers=cfg.registers // 4, latent_size=cfg.latent_size // 2, repa_dim=128)
 
 
-def tok_batch(args: argparse.Namespace, preset: str, reduced: bool) -> int:
+def tok_batch(args, preset, reduced):
     return args.batch_size or (2 if reduced else GPU_BATCH.get(preset, 1))
 
 
-def tok_describe(preset: str, cfg, reduced: bool, batch: int) -> str:
+def tok_describe(preset, cfg, reduced, batch):
     T, side, P = cfg.max_frames, cfg.latent_size, cfg.max_grid ** 2
     size = f" reduced to d{cfg.enc_depth}-d{cfg.dec_depth}" if reduced else ""
     return (f"{preset}{size}, latents {cfg.latent_channels}x{T}x{side}x{side}, K={cfg.registers}, "
             f"S={T * (P + cfg.registers)}, B={batch}")
 
 
-def attended_pairs(kind: str, layout) -> int:
+def attended_pairs(kind, layout):
     """The (query, key) pairs a mask allows, counted from its one definition in transformer.py."""
-    from transformer import dense_mask
-
     return int(dense_mask(kind, layout).sum())
 
 
-def tokenizer_flops(cfg, batch: int, latent_shape: tuple[int, int, int], masked: bool = True) -> int:
+def tokenizer_flops(cfg, batch, latent_shape, masked=True):
     """FLOPs of one training forward pass (`VideoFlexTok.forward` with a REPA target) on latents (T, H, W).
 
     A matmul of (m, k) by (k, n) counts 2mkn; norms, activations and other elementwise work are not counted (the
@@ -181,8 +194,6 @@ def tokenizer_flops(cfg, batch: int, latent_shape: tuple[int, int, int], masked:
     computes); masked=False counts every pair, what dense SDPA computes and torch's FLOP counter reports.
     A training step costs 3x the forward (the backward computes gradients for inputs and weights).
     """
-    from transformer import Layout
-
     T, H, W = latent_shape
     p, K, codes = cfg.patch_size, cfg.registers, len(cfg.fsq_levels)
     P, c_in = (H // p) * (W // p), p * p * cfg.latent_channels
@@ -207,7 +218,7 @@ def tokenizer_flops(cfg, batch: int, latent_shape: tuple[int, int, int], masked:
     return batch * (encoder + decoder + repa)
 
 
-def peak_tflops(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> float | None:
+def peak_tflops(args, device, dtype):
     if args.peak_tflops:
         return args.peak_tflops
     if device.type == "cuda" and dtype == torch.bfloat16:
@@ -215,14 +226,10 @@ def peak_tflops(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     return None
 
 
-def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
+def _tok_step_run(args, preset, compiled):
     """Times of every tokenizer training step, warm-up included, as train_tok.py runs it: forward under autocast,
     backward, gradient clipping, AdamW (fused on CUDA), EMA. Returns (cfg, batch, all times, host syncs per step,
     peak memory: CUDA allocations, or the process RSS on CPU; weights, optimizer state and EMA included)."""
-    from tokenizer import VideoFlexTok
-    from trainer import compile_blocks, make_ema, make_optimizer, optimizer_step, update_ema
-    from transformer import Block, use_checkpointing
-
     device, dtype, reduced = setup(args)
     cfg = tok_config(preset, reduced)
     batch = tok_batch(args, preset, reduced)
@@ -256,11 +263,9 @@ def _tok_step_run(args: argparse.Namespace, preset: str, compiled: bool):
     return cfg, batch, times, host_syncs(step, device), peak
 
 
-def profile_table(step, device: torch.device, top: int, what: str) -> None:
+def profile_table(step, device, top, what):
     """Print the `top` operators of two calls of `step` by self time on the device (CUDA kernels) or the CPU,
     as a Markdown table: where a training step's time goes, before deciding what to fuse or batch."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(2):
@@ -279,7 +284,7 @@ def profile_table(step, device: torch.device, top: int, what: str) -> None:
     print()
 
 
-def _tok_step_row(args, preset, compiled, eager_seconds=None) -> float:
+def _tok_step_row(args, preset, compiled, eager_seconds=None):
     """Measure and print one tokenizer-step row, compared with `eager_seconds` if given; returns the median."""
     device, dtype, reduced = setup(args)
     cfg, batch, times, syncs, peak_bytes = _tok_step_run(args, preset, compiled)
@@ -304,7 +309,7 @@ def _tok_step_row(args, preset, compiled, eager_seconds=None) -> float:
     return seconds
 
 
-def bench_tok_step(args: argparse.Namespace) -> None:
+def bench_tok_step(args):
     """Tokenizer training step (encoder + decoder + REPA head, forward, backward, AdamW, EMA): clips/s, tokens/s,
     MFU.
 
@@ -318,14 +323,14 @@ def bench_tok_step(args: argparse.Namespace) -> None:
         _tok_step_row(args, preset, compiled)
 
 
-def bench_compile(args: argparse.Namespace) -> None:
+def bench_compile(args):
     """`torch.compile` vs eager for the tokenizer training step (see tok-step): compiled blocks, as train_tok.py
     compiles them. The compiled row's first step includes the compilation."""
     for preset in args.presets:
         _tok_step_row(args, preset, True, eager_seconds=_tok_step_row(args, preset, False))
 
 
-def _tok_options(parser: argparse.ArgumentParser, compile_flag: bool = True) -> None:
+def _tok_options(parser, compile_flag=True):
     parser.add_argument("--presets", nargs="+", default=["d18-d18", "d18-d28"], help="tokenizer presets")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"clips per step; default {GPU_BATCH} on CUDA, 2 reduced")
@@ -341,12 +346,12 @@ def _tok_options(parser: argparse.ArgumentParser, compile_flag: bool = True) -> 
                             help="compile the blocks (default: on CUDA)")
 
 
-def _compile_options(parser: argparse.ArgumentParser) -> None:
+def _compile_options(parser):
     _tok_options(parser, compile_flag=False)
     parser.set_defaults(presets=["d18-d18"])
 
 
-def bench_attention(args: argparse.Namespace) -> None:
+def bench_attention(args):
     """Attention alone, forward and forward+backward: FlexAttention with the cached block mask vs SDPA with the same
     mask dense vs SDPA without a mask (the unmasked upper bound), at the presets' shapes.
 
@@ -354,10 +359,6 @@ def bench_attention(args: argparse.Namespace) -> None:
     stage-2 decoder (full), at the training batch of tok-step; shapes shared by presets run once. FlexAttention is
     compiled on CUDA; on CPU it runs eager and forward only (PyTorch has no FlexAttention backward there), as the
     model would. The derived figure is the speed relative to SDPA with the dense mask."""
-    import torch.nn.functional as F
-    from torch.nn.attention.flex_attention import flex_attention
-
-    from transformer import HEAD_DIM, Layout, _compiled_flex, block_mask, dense_mask
 
     device, dtype, reduced = setup(args)
     shapes = {}  # (mask kind, layout, heads, batch) -> the presets' parts that use it
@@ -406,18 +407,16 @@ def bench_attention(args: argparse.Namespace) -> None:
                 row(f"attention {pass_name}, {name}", config, device_name(device), dtype, times.get(name), derived)
 
 
-def _attention_options(parser: argparse.ArgumentParser) -> None:
+def _attention_options(parser):
     parser.add_argument("--presets", nargs="+", default=["d18-d18", "d18-d28"], help="tokenizer presets")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"default: tok-step's, {GPU_BATCH} on CUDA, 2 reduced")
 
 
-def _decode_job(args: argparse.Namespace, k: int, part: str = "joint"):
+def _decode_job(args, k, part="joint"):
     """Build a tokenizer and the ids of one batch; return the call that decodes their first k tokens per frame:
     jointly (`decode`, eager or with the Euler step compiled), or frame by frame (`decode_frames`) up to the first
     frame or to the last."""
-    from tokenizer import VideoFlexTok
-
     device, dtype, reduced = setup(args)
     torch.manual_seed(0)
     cfg = tok_config(args.preset, reduced)
@@ -438,7 +437,7 @@ def _decode_job(args: argparse.Namespace, k: int, part: str = "joint"):
     return decode
 
 
-def bench_decode(args: argparse.Namespace) -> None:
+def bench_decode(args):
     """Decoding token ids to latents with the flow decoder (`VideoFlexTok.decode`, guidance --guidance): seconds per
     clip and peak memory, for several tokens per frame, eager and with `Decoder.compile_sampling` (warm-up runs
     include the compilation). Budgets above the config's K (reduced) are clipped to K.
@@ -469,7 +468,7 @@ def bench_decode(args: argparse.Namespace) -> None:
             f"{statistics.median(times) / joint:.2f}x the joint decoding, {mib(peak)}")
 
 
-def _decode_options(parser: argparse.ArgumentParser) -> None:
+def _decode_options(parser):
     parser.add_argument("--preset", default="d18-d18")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 8, 32, 256], help="tokens per frame")
     parser.add_argument("--steps", type=int, default=25, help="Euler steps")
@@ -477,16 +476,12 @@ def _decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
 
 
-def _stream_latencies(args: argparse.Namespace, latent_frames: int) -> tuple[list[list[float]], list[int]]:
+def _stream_latencies(args, latent_frames):
     """Tokenize a stream of 1 + 4 (latent_frames - 1) random frames, made one at a time so that the input is not
-    held, through VidTok and the encoder's frame cache (sample.tokenize_stream), warm-up + runs times. Returns
+    held, through VidTok and the encoder's frame cache (chunks.tokenize_stream), warm-up + runs times. Returns
     the seconds each latent frame took to come out (from the previous one) per timed run, and at each latent
     frame of the last run (memory held, its growth since the stream began) in bytes: the process's resident
     set on CPU, allocated tensors on CUDA."""
-    from sample import Chunks, tokenize_stream
-    from tokenizer import VideoFlexTok
-    from vae import VidTokVAE
-
     device, dtype, reduced = setup(args)
     torch.manual_seed(0)
     cfg = tok_config(args.preset, reduced)
@@ -512,8 +507,8 @@ def _stream_latencies(args: argparse.Namespace, latent_frames: int) -> tuple[lis
     return gaps[args.warmup:], memory
 
 
-def bench_stream(args: argparse.Namespace) -> None:
-    """Streaming tokenization (`sample.tokenize_stream`): frames fed one at a time through VidTok and the encoder's
+def bench_stream(args):
+    """Streaming tokenization (`chunks.tokenize_stream`): frames fed one at a time through VidTok and the encoder's
     frame cache, in 17-frame chunks. For latent frames 5, 21 and 81 of one stream: the seconds from the latent
     frame before to this one, and the memory held then. Both should stay flat along the stream, since every chunk
     starts a fresh VAE stream and cache (5, 21 and 81 are each the last latent frame of a chunk)."""
@@ -532,7 +527,7 @@ def bench_stream(args: argparse.Namespace) -> None:
             f"({memory[t - 1][1] / 2 ** 20:+.0f} MiB since the stream began)")
 
 
-def _stream_options(parser: argparse.ArgumentParser) -> None:
+def _stream_options(parser):
     parser.add_argument("--preset", default="d18-d18")
     parser.add_argument("--latent-frames", type=int, nargs="+", default=[5, 21, 81],
                         help="latent frames to report, in one stream as long as the largest")
@@ -552,18 +547,16 @@ def _import_diffusers_vidtok():
     return AutoencoderVidTok
 
 
-def vae_size(reduced: bool) -> tuple[int, int]:
+def vae_size(reduced):
     """(channel width `ch`, clip side): VidTok's 128 on 128 px clips, or a quarter of the width on 64 px reduced."""
     return (32, 64) if reduced else (128, 128)
 
 
-def bench_vae(args: argparse.Namespace) -> None:
+def bench_vae(args):
     """VidTok encode + decode of one clip: our VidTokVAE (v1.1) vs diffusers' AutoencoderVidTok on the same weights.
 
     v1.1 because that is the semantics diffusers implements (v1.0 runs the same convolutions). Runs alternate
     between the two implementations so that load changes on a shared machine hit both alike."""
-    from vae import VidTokVAE
-
     AutoencoderVidTok = _import_diffusers_vidtok()
     device, dtype, reduced = setup(args)
     ch, size = vae_size(reduced)
@@ -597,10 +590,8 @@ def bench_vae(args: argparse.Namespace) -> None:
         times["diffusers"], f"{args.frames / statistics.median(times['diffusers']):.2f} frames/s")
 
 
-def _vae_job(args: argparse.Namespace, frames: int, part: str):
+def _vae_job(args, frames, part):
     """Build a VidTokVAE and one batch of its input; return the call that encodes or decodes it."""
-    from vae import VidTokVAE
-
     device, dtype, reduced = setup(args)
     ch, size = vae_size(reduced)
     torch.manual_seed(0)
@@ -612,7 +603,7 @@ def _vae_job(args: argparse.Namespace, frames: int, part: str):
     return lambda: vae.decode(latents)
 
 
-def bench_vae_memory(args: argparse.Namespace) -> None:
+def bench_vae_memory(args):
     """VidTok encode and decode (vae.py, random weights): clips/s and peak memory for 17- and 81-frame clips.
 
     With chunking (chunk_latents) peak memory depends on the chunk, not on the clip length."""
@@ -629,16 +620,16 @@ def bench_vae_memory(args: argparse.Namespace) -> None:
                 f"{args.batch_size / statistics.median(times):.2f} clips/s, {mib(peaks[frames])}{ratio}")
 
 
-def _chunk_latents(text: str) -> int | None:
+def _chunk_latents(text):
     return None if text == "none" else int(text)
 
 
-def _vae_options(parser: argparse.ArgumentParser) -> None:
+def _vae_options(parser):
     parser.add_argument("--frames", type=int, default=17, help="clip length, 4k+1")
     parser.add_argument("--chunk-latents", type=_chunk_latents, default=4, help="VidTokVAE.chunk_latents, or none")
 
 
-def _vae_memory_options(parser: argparse.ArgumentParser) -> None:
+def _vae_memory_options(parser):
     parser.add_argument("--frames", type=int, nargs="+", default=[17, 81], help="clip lengths, 4k+1")
     parser.add_argument("--chunk-latents", type=_chunk_latents, default=4, help="VidTokVAE.chunk_latents, or none")
     parser.add_argument("--version", default="v1.0", choices=["v1.0", "v1.1"])
@@ -648,17 +639,13 @@ def _vae_memory_options(parser: argparse.ArgumentParser) -> None:
 ################################################################################
 # Data loading
 
-def bench_data(args: argparse.Namespace) -> None:
+def bench_data(args):
     """VideoFolder clip loading: clips/s through a DataLoader, in total and per worker.
 
     The source is a temporary synthetic folder of mp4 files shaped like Kinetics (10 s at 25 fps by default), so
     each clip seeks and decodes about (frames - 1) / fps seconds of video, then resizes and crops every kept frame.
     Workers 0 means the main process. Each timed run loads `--clips` clips; workers persist across runs. Loading runs
     on the CPU whatever the device."""
-    import os
-    import tempfile
-
-    from data import VideoFolder, make_synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
         make_synthetic(tmp, num=args.videos, seed=0, size=args.source_size,
@@ -685,15 +672,10 @@ def bench_data(args: argparse.Namespace) -> None:
             del loader
 
 
-def bench_epochs(args: argparse.Namespace) -> None:
+def bench_epochs(args):
     """Training batches over several epochs (`trainer.batches`, what train_tok.py iterates) from a VideoFolder of
     short synthetic mp4s, with a training step simulated by a sleep: how long the loop waits for the first batch
     of every epoch and for the others, and the seconds per epoch. Loading runs on the CPU whatever the device."""
-    import os
-    import tempfile
-
-    from data import VideoFolder, make_synthetic
-    from trainer import Progress, batches
 
     with tempfile.TemporaryDirectory() as tmp:
         make_synthetic(tmp, num=args.videos, seed=0, size=args.size, frames=24, fps=8)
@@ -717,7 +699,7 @@ def bench_epochs(args: argparse.Namespace) -> None:
                 f"{args.step_seconds:g} s step")
 
 
-def _epochs_options(parser: argparse.ArgumentParser) -> None:
+def _epochs_options(parser):
     parser.add_argument("--videos", type=int, default=48)
     parser.add_argument("--frames", type=int, default=5)
     parser.add_argument("--size", type=int, default=32)
@@ -727,7 +709,7 @@ def _epochs_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-seconds", type=float, default=0.05, help="the simulated training step")
 
 
-def _data_options(parser: argparse.ArgumentParser) -> None:
+def _data_options(parser):
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--fps", type=float, default=4.0)
     parser.add_argument("--size", type=int, default=128, help="clip side")
@@ -743,7 +725,7 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
 ################################################################################
 # AR sampling
 
-def bench_ar(args: argparse.Namespace) -> None:
+def bench_ar(args):
     """AR sampling (generate.py): tokens/s for each batch size and sequence length, eager and with the decode step
     compiled (CUDA graphs on CUDA), the time per token early and late in the 1280-token sequence, and, at batch 1,
     full recomputation without the cache.
@@ -754,9 +736,6 @@ def bench_ar(args: argparse.Namespace) -> None:
     is its median step time within one run. Every step processes one position over a cache of fixed size, so the
     steps at 1121-1280 should cost what those at 1-160 cost; without the cache every step re-runs the whole prefix
     (measured up to 320 tokens only: it grows with the position). Warm-up runs include the compilation."""
-    from ar import ARConfig, ARModel
-    from generate import Sampler
-
     device, dtype, reduced = setup(args)
     depth = args.depth or (2 if reduced else 28)
     torch.manual_seed(0)
@@ -765,7 +744,7 @@ def bench_ar(args: argparse.Namespace) -> None:
         model = ARModel(cfg).to(dtype).eval()
     config = f"d{depth} (width {cfg.width}), vocab {cfg.vocab}, cfg {args.cfg_scale}"
 
-    def step_times(sampler: Sampler, tokens: int, cache: bool = True, steps: int | None = None) -> list[float]:
+    def step_times(sampler, tokens, cache=True, steps=None):
         """Seconds of each of the first `steps` (default all) steps of one `tokens`-token generation."""
         cls = torch.zeros(sampler.batch, dtype=torch.long, device=device)
         stamps = [time.perf_counter()]
@@ -809,7 +788,7 @@ def bench_ar(args: argparse.Namespace) -> None:
     spans("full recomputation", runs, here, [(1, 160), (161, 320)])
 
 
-def _ar_options(parser: argparse.ArgumentParser) -> None:
+def _ar_options(parser):
     parser.add_argument("--depth", type=int, default=None, help="AR depth (width 64 * depth); default 28, 2 reduced")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--lengths", type=int, nargs="+", default=[160, 1280], help="tokens: 5 frames x 32 or 256")
@@ -839,7 +818,7 @@ BENCHMARKS = {
 }
 
 
-def bench_all(args: argparse.Namespace) -> None:
+def bench_all(args):
     """Every benchmark with its default options on one device, one Markdown table each."""
     for name, (fn, _, help_text) in BENCHMARKS.items():
         sub = build_parser().parse_args([name, "--device", args.device])
@@ -847,7 +826,7 @@ def bench_all(args: argparse.Namespace) -> None:
         fn(sub)
 
 
-def _common_options(parser: argparse.ArgumentParser) -> None:
+def _common_options(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="default: bfloat16 on CUDA, float32 on CPU")
@@ -857,7 +836,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="benchmark", required=True)
     for name, (fn, add_options, help_text) in BENCHMARKS.items():
@@ -870,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv=None):
     args = build_parser().parse_args(argv)
     if torch.device(args.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

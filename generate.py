@@ -30,7 +30,7 @@ value back to the host.
 """
 import torch
 
-from ar import KVCache, from_sequence
+from ar import KVCache, check_condition, check_shape, from_sequence
 from transformer import compile_or_eager
 
 
@@ -64,7 +64,7 @@ class Sampler:
         """
         for seq in self.stream(cls, text, text_mask, frames, tokens_per_frame, **sampling):
             pass
-        return from_sequence(seq, self.model.check_frames(frames))
+        return from_sequence(seq, self.model.cfg.max_frames if frames is None else frames)
 
     @torch.no_grad()
     def stream(self, cls=None, text=None, text_mask=None, frames=None, tokens_per_frame=None, batch=None,
@@ -79,11 +79,11 @@ class Sampler:
         use_cache False recomputes the whole prefix for every token, eagerly (tests, benchmarks).
         """
         model = self.model
-        frames, k = model.check_frames(frames), model.check_budget(tokens_per_frame)
-        B = self._check_call(cls, text, batch, frames * k, temperature, top_k, top_p, cfg_scale)
-        sos, context = model.condition(B, cls, text, text_mask)  # checks the condition
+        frames, k = check_shape(model.cfg, frames, tokens_per_frame)
+        B = self._check(cls, text, text_mask, batch, frames * k, temperature, top_k, top_p, cfg_scale)
+        sos, context = model.condition(B, cls, text, text_mask)
         if cfg_scale is not None:
-            null_sos, null_text = model.condition(B, *model.null_inputs(B, text), null=True)
+            null_sos, null_text = model.condition(B, *model.null_inputs(B, text))
         text = context
         settings = (frames, temperature, top_k, top_p, cfg_scale)
         out = torch.empty(B, frames * k, dtype=torch.long, device=self.device)
@@ -115,10 +115,8 @@ class Sampler:
             out[:, n] = token[:B]
             yield out[:, :n + 1]
 
-    ############################################################################
-    # The two steps: the first position ([SOS]), then one sampled token at a time
-
     def _first(self, caches, sos, text, pos, noise, settings):
+        """The first step: the [SOS] position, after writing the text's cross-attention keys into the caches."""
         if text is not None:
             for block, cache in zip(self.model.blocks, caches):
                 for buffer, value in zip((cache.text_k, cache.text_v, cache.text_mask), block.cross.context(*text)):
@@ -126,6 +124,7 @@ class Sampler:
         return self._sample(caches, sos[:, None], pos, noise, settings)
 
     def _next(self, caches, token, pos, noise, settings):
+        """Every later step: the previous token in, the next one out."""
         x = self.model.tok_emb(token)[:, None]
         if settings[-1] is not None:  # CFG: the unconditional rows continue the same tokens
             x = torch.cat([x, x])
@@ -134,9 +133,6 @@ class Sampler:
     def _sample(self, caches, x, pos, noise, settings):
         h = self.model.trunk(x, pos, settings[0], caches=caches)
         return _pick(self.model.head(h[:, 0]).float(), noise, settings)
-
-    ############################################################################
-    # Helpers
 
     def _caches(self, rows):
         if rows not in self.caches:
@@ -160,8 +156,9 @@ class Sampler:
         u = torch.rand(B, self.model.cfg.vocab, generator=generator, device=self.device)
         return torch.cat([u, u.new_full((self.batch - B, u.shape[1]), 0.5)]) if B < self.batch else u
 
-    def _check_call(self, cls, text, batch, n_tokens, temperature, top_k, top_p, cfg_scale):
-        """The sampling arguments, checked once per generation; -> the batch size."""
+    def _check(self, cls, text, text_mask, batch, n_tokens, temperature, top_k, top_p, cfg_scale):
+        """Everything a generation is given, checked once as it starts (the model takes it as checked);
+        -> the batch size."""
         model = self.model
         if model.training:
             raise ValueError("sampling needs model.eval(): in training mode dropout and condition dropout act")
@@ -183,6 +180,7 @@ class Sampler:
             raise ValueError(f"cfg_scale must be None (no guidance) or >= 0; got {cfg_scale}")
         if cfg_scale is not None and model.class_emb is None and model.cfg.text == "none":
             raise ValueError("cfg_scale needs a class- or text-conditioned model; this one has neither")
+        check_condition(model.cfg, B, cls, text, text_mask)
         return B
 
 

@@ -256,7 +256,7 @@ def test_condition_dropout_uses_the_null_condition():
     dropped = model(seq, torch.tensor([0, 1]), text, mask)
     model.eval()
     null_cls, null_text, null_mask = model.null_inputs(2, text)
-    sos, ctx = model.condition(2, null_cls, null_text, null_mask, null=True)
+    sos, ctx = model.condition(2, null_cls, null_text, null_mask)
     reference = model.head(model.hidden(seq, FRAMES, sos, ctx)).float()
     assert torch.allclose(dropped, reference, atol=1e-6)
     assert not torch.allclose(dropped, model(seq, torch.tensor([0, 1]), text, mask), atol=1e-4)

@@ -13,9 +13,11 @@ import torch
 
 import sample
 from ar import ARConfig, ARModel
-from data import read_video, write_video
+from checkpoint import DEMO_ASSETS
+from chunks import Chunks, decode_long, decode_pieces, tokenize_long, tokenize_stream
 from tokenizer import TokenizerConfig, VideoFlexTok
 from vae import PixelVAE, VidTokVAE
+from video import read_video, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (8, 5, 5, 5)  # a 1000-code FSQ keeps the AR embedding and head small
@@ -126,8 +128,8 @@ def test_81_frames_through_a_4x_vae_are_21_latent_frames(tmp_path, monkeypatch):
 def test_tokenize_long_drops_each_later_chunks_overlap_latent():
     tok, vae = vidtok_tokenizer(), tiny_vidtok()
     video = torch.rand(1, 3, 33, 32, 32) * 2 - 1
-    chunks = sample.Chunks(tok.cfg.max_frames, vae.temporal_factor)
-    ids = sample.tokenize_long(tok, vae, video, chunks)
+    chunks = Chunks(tok.cfg.max_frames, vae.temporal_factor)
+    ids = tokenize_long(tok, vae, video, chunks)
     assert (chunks.frames, chunks.stride) == (17, 16) and ids.shape == (1, 9, 8)
     assert torch.equal(ids[:, :5], tok.tokenize(video[:, :, :17], vae))
     assert torch.equal(ids[:, 5:], tok.tokenize(video[:, :, 16:], vae)[:, 1:])
@@ -173,21 +175,21 @@ def test_streaming_tokenization_gives_the_ids_of_batch_tokenization(kind, frames
         for p in tok.parameters():
             p.normal_(0, 0.2)
     video = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    chunks = sample.Chunks(tok.cfg.max_frames, vae.temporal_factor)
-    batch = sample.tokenize_long(tok, vae, video, chunks)
+    chunks = Chunks(tok.cfg.max_frames, vae.temporal_factor)
+    batch = tokenize_long(tok, vae, video, chunks)
     assert batch.unique().numel() > 20
     for sizes in ([1] * frames, uneven(frames)):
         edges = [0, *torch.tensor(sizes).cumsum(0).tolist()]
         groups = (video[:, :, a:b] for a, b in zip(edges[:-1], edges[1:]))
-        streamed = list(sample.tokenize_stream(tok, vae, groups, chunks))
+        streamed = list(tokenize_stream(tok, vae, groups, chunks))
         assert all(ids.shape == (1, 1, 8) for ids in streamed)
         assert torch.equal(torch.cat(streamed, 1), batch)
 
 
 def test_a_stream_that_ends_inside_a_latent_frame_keeps_what_it_yielded():
     tok, vae = vidtok_tokenizer(), tiny_vidtok()
-    chunks = sample.Chunks(tok.cfg.max_frames, vae.temporal_factor)
-    stream = sample.tokenize_stream(tok, vae, iter([torch.zeros(1, 3, 7, 32, 32)]), chunks)
+    chunks = Chunks(tok.cfg.max_frames, vae.temporal_factor)
+    stream = tokenize_stream(tok, vae, iter([torch.zeros(1, 3, 7, 32, 32)]), chunks)
     assert next(stream).shape == (1, 1, 8) and next(stream).shape == (1, 1, 8)   # frames 0 and 1-4
     with pytest.raises(ValueError, match="ended 2 frames into a latent frame"):
         next(stream)
@@ -199,8 +201,8 @@ def test_chunked_decoding_is_conditioned_on_the_last_decoded_frame(monkeypatch):
     calls, decode = [], tok.decode
     monkeypatch.setattr(tok, "decode", lambda ids, **kw: calls.append((ids, kw)) or decode(ids, **kw))
     ids = torch.randint(0, 1000, (2, 9, 3))
-    chunks = sample.Chunks(5, 1)
-    video = sample.decode_long(tok, vae, ids, chunks, steps=2, generator=torch.Generator().manual_seed(0))
+    chunks = Chunks(5, 1)
+    video = decode_long(tok, vae, ids, chunks, steps=2, generator=torch.Generator().manual_seed(0))
     assert video.shape == (2, 3, 9, 16, 16) and len(calls) == 2
     (first, kw1), (second, kw2) = calls
     assert torch.equal(first, ids[:, :5]) and kw1.get("prefix_latents") is None
@@ -216,16 +218,16 @@ def test_chunked_decoding_is_conditioned_on_the_last_decoded_frame(monkeypatch):
 def test_progressive_chunked_decoding_gives_the_same_video_frame_by_frame(guidance):
     cfg = TokenizerConfig.preset("tiny", latent_size=16, max_frames=5, registers=8, repa_dim=0, fsq_levels=LEVELS)
     tok, vae = VideoFlexTok(cfg).eval(), PixelVAE()
-    ids, chunks = torch.randint(0, 1000, (2, 9, 3)), sample.Chunks(5, 1)
+    ids, chunks = torch.randint(0, 1000, (2, 9, 3)), Chunks(5, 1)
     kw = dict(steps=2, guidance=guidance)
-    joint = sample.decode_long(tok, vae, ids, chunks, generator=torch.Generator().manual_seed(0), **kw)
-    pieces = list(sample.decode_pieces(tok, vae, ids, chunks, progressive=True,
+    joint = decode_long(tok, vae, ids, chunks, generator=torch.Generator().manual_seed(0), **kw)
+    pieces = list(decode_pieces(tok, vae, ids, chunks, progressive=True,
                                        generator=torch.Generator().manual_seed(0), **kw))
     assert [p.shape[2] for p in pieces] == [1] * 9                 # one frame at a time, over both chunks
     assert (torch.cat(pieces, 2) - joint).abs().max() <= 1e-5 * joint.abs().max().clamp_min(1)
 
 
-@pytest.mark.skipif(not (sample.DEMO_ASSETS / "tok.pt").is_file(), reason="no bundled demo models")
+@pytest.mark.skipif(not (DEMO_ASSETS / "tok.pt").is_file(), reason="no bundled demo models")
 def test_progressive_sampling_writes_every_frame_as_it_is_decoded(tmp_path, capsys):
     out = tmp_path / "s"
     sample.main(["--class", "red_circle_left", "--tokens-per-frame", "2", "--steps", "3", "--progressive",
