@@ -93,17 +93,6 @@ def reconstruction_metrics(tokenizer, vae, videos, budgets=None, steps=25, gener
     return out
 
 
-def psnr_by_budget(tokenizer, vae, videos, budgets=None, steps=25, generator=None):
-    """{k: PSNR in dB} of reconstructions from k tokens per latent frame over a set of videos (see above)."""
-    metrics = reconstruction_metrics(tokenizer, vae, videos, budgets, steps, generator)
-    return {k: m["psnr"] for k, m in metrics.items()}
-
-
-def rfvd(tokenizer, vae, videos, k, i3d, steps=25, generator=None):
-    """rFVD of a set of real clips against their reconstructions from k tokens per latent frame."""
-    return reconstruction_metrics(tokenizer, vae, videos, [k], steps, generator, i3d)[k]["rfvd"]
-
-
 ################################################################################
 # Generation: gFVD of a folder of samples
 

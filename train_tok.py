@@ -45,6 +45,7 @@ from transformer import Block, use_checkpointing
 from vae import load_vae
 from video import BadVideo, to_uint8, write_png_grid, write_video
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, batch_size=8, batch_unit="clips", ema=0.999)
@@ -121,23 +122,6 @@ def cache_settings(args, root, size, n_clips):
             "clip_start": "eval (fixed)"}
 
 
-def build_cache(args, train_set, val_set, size, vae, dino, cfg, rank, world, device):
-    """Encode the training clips once: VAE latents and, with REPA, DINOv2 targets, in fp16 shards.
-    Items are (latents, targets), targets empty when REPA is off."""
-    def encode(batch):
-        video = batch[0].to(device)
-        latents = vae.encode(video)
-        targets = (repa_targets(video, dino, grid=token_grid(latents, cfg)) if dino is not None
-                   else torch.zeros(len(video), 0))
-        return {"latents": latents.half().cpu(), "targets": targets.half().cpu()}
-
-    # The training clips read with fixed starts (the held-out split's evaluation-mode folder): a
-    # cached clip is always the same clip, so caching gives up random temporal crops.
-    clips = Subset(val_set.dataset, train_set.indices)
-    settings = cache_settings(args, train_set.dataset.root, size, len(train_set))
-    return build_shards(args.cache, clips, settings, encode, args.batch_size, args.num_workers, rank, world)
-
-
 def token_grid(latents, cfg):
     """The decoder's patch-token grid (h, w) for latents (..., H, W): where REPA targets live."""
     return latents.shape[-2] // cfg.patch_size, latents.shape[-1] // cfg.patch_size
@@ -207,8 +191,25 @@ def train(args):
     cfg = build_config(args, dino, vae, init)
     train_set, val_set, size = build_data(args, cfg, vae, rank)
     check_batch(len(train_set), args.batch_size, world, "training clips", "train_tok.py")
+
+    @torch.no_grad()
+    def encode(video):
+        """Clips -> VAE latents and, with REPA, their DINOv2 targets (None without)."""
+        latents = vae.encode(video)
+        return latents, repa_targets(video, dino, grid=token_grid(latents, cfg)) if dino is not None else None
+
     if args.cache is not None:
-        train_set = build_cache(args, train_set, val_set, size, vae, dino, cfg, rank, world, device)
+        # Encode the training clips once into fp16 shards of (latents, targets), targets empty without REPA.
+        # They are read with fixed starts (the held-out split's evaluation-mode folder): a cached clip is always
+        # the same clip, so caching gives up random temporal crops.
+        def encode_for_cache(batch):
+            latents, targets = encode(batch[0].to(device))
+            targets = torch.zeros(len(latents), 0) if targets is None else targets
+            return {"latents": latents.half().cpu(), "targets": targets.half().cpu()}
+
+        settings = cache_settings(args, train_set.dataset.root, size, len(train_set))
+        train_set = build_shards(args.cache, Subset(val_set.dataset, train_set.indices), settings, encode_for_cache,
+                                 args.batch_size, args.num_workers, rank, world)
 
     model = VideoFlexTok(cfg).to(device)
     if init is not None:
@@ -242,10 +243,7 @@ def train(args):
             latents, target = (x.to(device, non_blocking=True).float() for x in batch)
             target = target if dino is not None else None
         else:
-            video = batch[0].to(device, non_blocking=True)
-            with torch.no_grad():
-                latents = vae.encode(video)
-                target = repa_targets(video, dino, grid=token_grid(latents, cfg)) if dino is not None else None
+            latents, target = encode(batch[0].to(device, non_blocking=True))
         prefix = (torch.rand(latents.shape[0], device=device) < 0.5).long() if args.stage == 2 else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
             losses = net(latents, repa_target=target, prefix=prefix)

@@ -16,7 +16,7 @@ import eval as ev
 import fvd
 from data import VideoFolder
 from decoder import token_budgets
-from metrics import (adaptive_comparison, codebook_usage, one_step_predictions, psnr, psnr_by_budget,
+from metrics import (adaptive_comparison, codebook_usage, one_step_predictions, psnr,
                      reconstruction_metrics, token_reliance)
 from synthetic import (CIRCLE_SQUARE, TRIANGLE_SKEW, adherence, class_from_prompt, class_name, detect, make_synthetic,
                        measure, render_shapes)
@@ -100,6 +100,10 @@ def test_adherence_counts_each_attribute():
 def tiny_tokenizer():
     cfg = TokenizerConfig.preset("tiny", latent_size=8, max_frames=9, registers=4, repa_dim=0, fsq_levels=(8, 5, 5, 5))
     return VideoFlexTok(cfg).eval()
+
+
+def psnr_by_budget(tok, vae, videos, budgets=None, steps=25, generator=None):
+    return {k: m["psnr"] for k, m in reconstruction_metrics(tok, vae, videos, budgets, steps, generator).items()}
 
 
 def test_psnr_by_budget_over_a_set():
