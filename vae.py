@@ -498,13 +498,12 @@ def _read_checkpoint(path, trusted):
 class VidTokVAE(nn.Module):
     """VidTok causal KL VAE: video (B, 3, 4k+1, H, W) in [-1, 1] <-> latents (B, 16, k+1, H/8, W/8).
 
-    Args:
-        version: "v1.0" (zero temporal padding, frame-repeat upsampling; the default, because VideoFlexTok's
-            weights were trained on v1.0 latents) or "v1.1" (replicate padding, linear upsampling).
-        ch, ch_mult, num_res_blocks, z_channels: widths, named as in diffusers' `AutoencoderVidTok`; the defaults
-            are the official 16-channel model. `ch_mult` must have 4 entries (3 spatial 2x steps make the 8x).
-        chunk_latents: latent frames per chunk (4 latents = 16 video frames) in encode and decode, which bounds
-            peak memory regardless of video length; None processes the whole video at once. Results are the same.
+    `version` is "v1.0" (zero temporal padding, frame-repeat upsampling; the default, because VideoFlexTok's weights
+    were trained on v1.0 latents) or "v1.1" (replicate padding, linear upsampling). The widths `ch`, `ch_mult`,
+    `num_res_blocks` and `z_channels` are named as in diffusers' `AutoencoderVidTok`; the defaults are the official
+    16-channel model, and `ch_mult` must have 4 entries (3 spatial 2x steps make the 8x). `chunk_latents` is the
+    number of latent frames per chunk (4 latents = 16 video frames) in encode and decode, which bounds peak memory
+    regardless of video length; None processes the whole video at once. Results are the same.
 
     encode/decode run without autograd: the VAE is frozen.
     """
