@@ -66,6 +66,11 @@ class Chunks:
                              f"e.g. {self.frames} or {4 * self.stride + 1}); got {frames}")
         return max(1, (frames - 1) // max(self.stride, 1))
 
+    def split(self, video):
+        """Video (B, 3, 1 + stride * n, H, W) -> its n chunks (B, 3, frames, H, W), each starting at the last
+        frame of the one before."""
+        return [video[:, :, i * self.stride:i * self.stride + self.frames] for i in range(self.check(video.shape[2]))]
+
     def latent_frames(self, frames):
         return (frames - 1) // self.temporal + 1
 
@@ -73,8 +78,8 @@ class Chunks:
 def tokenize_long(tok, vae, video, chunks):
     """Video (B, 3, 1 + stride * n, H, W) -> ids (B, 1 + (latents - 1) * n, K), chunk by chunk."""
     parts = []
-    for i in tqdm(range(chunks.check(video.shape[2])), desc="tokenizing chunks", leave=False):
-        ids = tok.tokenize(video[:, :, i * chunks.stride:i * chunks.stride + chunks.frames], vae)
+    for i, chunk in enumerate(tqdm(chunks.split(video), desc="tokenizing chunks", leave=False)):
+        ids = tok.tokenize(chunk, vae)
         # A later chunk's first latent encodes the overlap frame alone; the previous chunk covered it.
         parts.append(ids if i == 0 else ids[:, 1:])
     return torch.cat(parts, 1)

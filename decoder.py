@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transformer import (AxialPositionEmbedding, Layout, TimestepEmbedder, Transformer, compile_or_eager,
-                         init_linear, layer_norm, modulate, patchify, unpatchify, zero_linear)
+from transformer import (POSITION_KINDS, AxialPositionEmbedding, Layout, TimestepEmbedder, Transformer,
+                         compile_or_eager, init_linear, layer_norm, modulate, patchify, unpatchify, zero_linear)
 
 
 def token_budgets(K):
@@ -110,7 +110,6 @@ def guide(v_cond, v_uncond, scale, apg=None, running=None):
 
 
 TIME_SAMPLING = ("logit_normal", "uniform")   # the training noise-level distributions (TokenizerConfig.time_sampling)
-REGISTER_POSITIONS = ("learnable_sum", "sincos")  # register position tables (TokenizerConfig.register_pos_embedding)
 
 
 class Decoder(nn.Module):
@@ -120,8 +119,8 @@ class Decoder(nn.Module):
         dim, p, C = cfg.dec_width, cfg.patch_size, cfg.latent_channels
         if cfg.time_sampling not in TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}; got {cfg.time_sampling!r}")
-        if cfg.register_pos_embedding not in REGISTER_POSITIONS:
-            raise ValueError(f"register_pos_embedding must be one of {REGISTER_POSITIONS}; got "
+        if cfg.register_pos_embedding not in POSITION_KINDS:   # named here: the embedding only knows its kind
+            raise ValueError(f"register_pos_embedding must be one of {POSITION_KINDS}; got "
                              f"{cfg.register_pos_embedding!r}")
         self.from_codes = nn.Linear(len(cfg.fsq_levels), dim)
         self.register_pos = AxialPositionEmbedding(dim, cfg.register_pos_sizes, cfg.register_pos_embedding)

@@ -41,7 +41,7 @@ from generate import generate
 from metrics import batches_of, class_names, psnr, token_probe
 from synthetic import adherence, class_from_prompt, synthetic_data
 from tokenizer import VideoFlexTok
-from trainer import at_least, check_args, last_checkpoint, lr_at, pick_device, positive
+from trainer import at_least, check_args, last_checkpoint, lr_at, pick_device, positive, save_checkpoint
 from vae import DemoVAE
 from video import to_uint8, write_png_grid, write_video
 
@@ -256,12 +256,9 @@ def train_demo_vae(root, out, frames, fps, size, steps=800, batch_size=32, lr=2e
               "seconds": time.time() - start, "frames": len(train)}
     weights = {k: v.half().cpu() for k, v in model.state_dict().items()}
     check_finite(weights, f"the demo VAE after {steps} steps", "The run diverged: train again with a lower --lr.")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save({"config": {"channels": model.latent_channels, "width": model.width},
-                "model": weights, "report": report}, tmp)
-    tmp.replace(out)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, {"config": {"channels": model.latent_channels, "width": model.width}, "model": weights,
+                          "report": report})
     return report
 
 

@@ -121,8 +121,9 @@ def run_adherence(args):
         print(f"  {key:7s} {100 * scores[key]:5.1f}%")
     # What the shape boundaries (CIRCLE_SQUARE, TRIANGLE_SKEW) are set from: the measures per requested shape.
     print(f"\nshape measures by requested shape (boundaries: fill {CIRCLE_SQUARE}, skewness {TRIANGLE_SKEW})")
+    measures = [measure(video) for video in videos]
     for shape in SHAPES:
-        found = [m for m, name in zip(map(measure, videos), wanted.values()) if name.split("_")[1] == shape and m]
+        found = [m for m, name in zip(measures, wanted.values()) if name.split("_")[1] == shape and m]
         if found:
             fill, skew = np.mean(found, 0)
             print(f"  {shape:8s} fill ratio {fill:.3f}  skewness {skew:+.3f}  ({len(found)} videos)")

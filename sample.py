@@ -338,9 +338,9 @@ def reconstruct(args, tok, vae, video, chunks, decode, output):
     if args.target_psnr is not None or args.mean_tokens is not None:
         # Each chunk decoded alone at every budget (tokenizer.budget_psnr, seed --seed) gives its PSNR table;
         # the budgets chosen from it then decode the video chunk by chunk.
-        n = chunks.check(video.shape[2])
-        windows = torch.cat([video[:, :, i * chunks.stride:i * chunks.stride + chunks.frames] for i in range(n)])
-        _, table = budget_psnr(tok, vae, windows, seed=args.seed, **decode)
+        windows = chunks.split(video)
+        n = len(windows)
+        _, table = budget_psnr(tok, vae, torch.cat(windows), seed=args.seed, **decode)
         total = None if args.mean_tokens is None else round(args.mean_tokens * n)
         chosen = choose_budgets(table, budgets, target_psnr=args.target_psnr, total_tokens=total).tolist()
         chunk_psnr = [float(table[i, budgets.index(int(k))]) for i, k in enumerate(chosen)]
